@@ -1,0 +1,37 @@
+"""Command line: python -m dlext info | bench | gradcheck."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dlext", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, compiled backends, devices and registered ops")
+    p = sub.add_parser("gradcheck", help="check every op against native torch and by gradcheck")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p = sub.add_parser("bench", help="kernel benchmarks vs native (see benchmarks/)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for benchmarks.run")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        from dlext.info import report
+        print(report())
+        return 0
+    if args.command == "gradcheck":
+        from dlext.selfcheck import run
+        return run(args.device)
+    if args.command == "bench":
+        try:
+            from benchmarks.run import main as bench_main
+        except ImportError:
+            print("the benchmarks live in the source checkout: run this from its root",
+                  file=sys.stderr)
+            return 2
+        return bench_main(args.args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
