@@ -13,6 +13,14 @@ TORCH_LIBRARY(dlext, m) {
   m.def("relu(Tensor self) -> Tensor");
   m.def("relu_(Tensor(a!) self) -> ()");
   m.def("relu_backward(Tensor grad_output, Tensor result) -> Tensor");
+
+  // max_pool2d: values and int64 indices (flat h * W + w per plane, torch's convention). An empty
+  // stride means stride = kernel_size. The backward scatters grad_output into a tensor of
+  // input_size laid out like indices.
+  m.def(
+      "max_pool2d(Tensor self, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dlext, Autograd, m) {

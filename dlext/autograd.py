@@ -57,6 +57,17 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """The rule of csrc/common/dense.h: 4-D, channels_last-contiguous and not plain contiguous."""
+    return (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            and not t.is_contiguous())
+
+
+def _empty(sizes, like: torch.Tensor, channels_last: bool, dtype=None) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last and len(sizes) == 4 else torch.contiguous_format
+    return torch.empty(sizes, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
 def _empty_dense_like(t: torch.Tensor) -> torch.Tensor:
     """The layout the kernels give an elementwise result: t's own when dense, else contiguous."""
     return torch.empty_like(t) if _is_dense(t) else torch.empty(t.shape, dtype=t.dtype,
@@ -134,3 +145,81 @@ class ReLUBackwardFunction(torch.autograd.Function):
 
 _register("dlext::relu", _relu_setup, ReLUFunction)
 _register("dlext::relu_backward", _relu_backward_setup, ReLUBackwardFunction)
+
+
+# ---------------------------------------------------------------------------------- max_pool2d
+
+def _pool_out(size, k, pad, stride, dilation, ceil_mode):
+    """torch's pooling output size (csrc/max_pool2d/max_pool2d_common.h)."""
+    out = (size + 2 * pad - dilation * (k - 1) - 1 + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+@register_fake("dlext::max_pool2d")
+def _max_pool2d_fake(self, kernel_size, stride, padding, dilation, ceil_mode):
+    two = lambda v: (v[0], v[-1])  # noqa: E731  (one value or two)
+    (kh, kw), (ph, pw), (dh, dw) = two(kernel_size), two(padding), two(dilation)
+    sh, sw = two(stride) if len(stride) else (kh, kw)
+    sizes = [*self.shape[:-2], _pool_out(self.shape[-2], kh, ph, sh, dh, ceil_mode),
+             _pool_out(self.shape[-1], kw, pw, sw, dw, ceil_mode)]
+    cl = _is_channels_last(self)
+    return _empty(sizes, self, cl), _empty(sizes, self, cl, torch.long)
+
+
+@register_fake("dlext::max_pool2d_backward")
+def _max_pool2d_backward_fake(grad_output, indices, input_size):
+    return _empty(list(input_size), grad_output, _is_channels_last(indices))
+
+
+def _max_pool2d_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.input_size = list(inputs[0].shape)
+
+
+class MaxPool2dFunction(torch.autograd.Function):
+    """(values, indices) = max_pool2d(x, ...); only the values are differentiable."""
+
+    @staticmethod
+    def forward(ctx, input, kernel_size, stride, padding, dilation, ceil_mode):
+        output = _run(ops.max_pool2d.default, input, kernel_size, stride, padding, dilation,
+                      ceil_mode)
+        _max_pool2d_setup(ctx, (input,), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_indices):
+        (indices,) = ctx.saved_tensors
+        grad_input = _differentiable(MaxPool2dBackwardFunction, ops.max_pool2d_backward.default,
+                                     grad_output, indices, ctx.input_size)
+        return grad_input, None, None, None, None, None
+
+
+def _max_pool2d_backward_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+class MaxPool2dBackwardFunction(torch.autograd.Function):
+    """grad_input = scatter of grad_output to the argmax positions; linear in grad_output, so its
+    own gradient gathers the incoming gradient back at the same positions."""
+
+    @staticmethod
+    def forward(ctx, grad_output, indices, input_size):
+        output = _run(ops.max_pool2d_backward.default, grad_output, indices, input_size)
+        _max_pool2d_backward_setup(ctx, (grad_output, indices, input_size), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        (indices,) = ctx.saved_tensors
+        flat_idx = indices.flatten(-2)
+        empty = flat_idx < 0                      # windows with no input element (index -1)
+        gathered = grad_grad_input.flatten(-2).gather(-1, flat_idx.clamp_min(0))
+        gathered = gathered.masked_fill(empty, 0).view(indices.shape)
+        return gathered, None, None
+
+
+_register("dlext::max_pool2d", _max_pool2d_setup, MaxPool2dFunction)
+_register("dlext::max_pool2d_backward", _max_pool2d_backward_setup, MaxPool2dBackwardFunction)

@@ -30,9 +30,16 @@ def _relu_inputs(device):
     return ((x + 0.1 * x.sign()).requires_grad_(),)  # away from the kink at 0
 
 
+def _pool_inputs(device):
+    n = 2 * 3 * 9 * 11  # distinct values: the argmax is stable under gradcheck's perturbations
+    return ((torch.randperm(n, device=device).double() / n).view(2, 3, 9, 11).requires_grad_(),)
+
+
 CHECKS = [
     Check("relu", _relu_inputs, DF.relu, F.relu),
     Check("relu (inplace)", _relu_inputs, lambda x: DF.relu(x.clone(), inplace=True), F.relu),
+    Check("max_pool2d", _pool_inputs, lambda x: DF.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+          lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True)),
 ]
 
 

@@ -41,3 +41,18 @@ def aten_ops_called(fn, *args, **kwargs) -> tuple[object, set[str]]:
 def assert_no_native(names: Iterable[str], forbidden: Iterable[str], what: str) -> None:
     hits = sorted(set(names) & set(forbidden))
     assert not hits, f"{what} called native ops it must replace: {hits}"
+
+
+def assert_raises_like_torch(ours, theirs, *, contains: str | None = None) -> None:
+    """Both calls raise; ours raises the same exception type with torch's message (first line).
+
+    `contains` overrides the text to look for where dlext words a message differently on purpose.
+    """
+    import pytest
+
+    with pytest.raises(Exception) as native:
+        theirs()
+    expected = contains if contains is not None else str(native.value).splitlines()[0].strip()
+    with pytest.raises(native.type) as got:
+        ours()
+    assert expected in str(got.value), f"expected {expected!r} in {str(got.value)!r}"

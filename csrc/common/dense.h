@@ -9,6 +9,13 @@
 
 namespace dlext {
 
+// The layout rule every dlext op uses to decide that a 4-D tensor is channels_last (and so gives
+// channels_last results): its strides are channels_last-contiguous and not also plain contiguous.
+// dlext/autograd.py's fake kernels apply the identical rule.
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
 // `t` itself when it is dense, else a contiguous copy.
 inline at::Tensor dense(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() ? t : t.contiguous();
