@@ -15,12 +15,16 @@ TORCH_LIBRARY(dlext, m) {
   m.def("relu_backward(Tensor grad_output, Tensor result) -> Tensor");
 
   // max_pool2d: values and int64 indices (flat h * W + w per plane, torch's convention). An empty
-  // stride means stride = kernel_size. The backward scatters grad_output into a tensor of
-  // input_size laid out like indices.
+  // stride means stride = kernel_size. The backward sends each gradient to the input element its
+  // index names, in a tensor of input_size laid out like indices; it takes the forward's
+  // parameters so a kernel can bound the windows that cover an input element.
   m.def(
       "max_pool2d(Tensor self, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
       "bool ceil_mode) -> (Tensor, Tensor)");
-  m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, int[] input_size) -> Tensor");
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor indices, int[] input_size, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dlext, Autograd, m) {

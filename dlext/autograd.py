@@ -169,14 +169,15 @@ def _max_pool2d_fake(self, kernel_size, stride, padding, dilation, ceil_mode):
 
 
 @register_fake("dlext::max_pool2d_backward")
-def _max_pool2d_backward_fake(grad_output, indices, input_size):
+def _max_pool2d_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding,
+                              dilation, ceil_mode):
     return _empty(list(input_size), grad_output, _is_channels_last(indices))
 
 
 def _max_pool2d_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
-    ctx.input_size = list(inputs[0].shape)
+    ctx.geometry = (list(inputs[0].shape), *inputs[1:])  # input_size, kernel, stride, ..., ceil
 
 
 class MaxPool2dFunction(torch.autograd.Function):
@@ -186,14 +187,14 @@ class MaxPool2dFunction(torch.autograd.Function):
     def forward(ctx, input, kernel_size, stride, padding, dilation, ceil_mode):
         output = _run(ops.max_pool2d.default, input, kernel_size, stride, padding, dilation,
                       ceil_mode)
-        _max_pool2d_setup(ctx, (input,), output)
+        _max_pool2d_setup(ctx, (input, kernel_size, stride, padding, dilation, ceil_mode), output)
         return output
 
     @staticmethod
     def backward(ctx, grad_output, grad_indices):
         (indices,) = ctx.saved_tensors
         grad_input = _differentiable(MaxPool2dBackwardFunction, ops.max_pool2d_backward.default,
-                                     grad_output, indices, ctx.input_size)
+                                     grad_output, indices, *ctx.geometry)
         return grad_input, None, None, None, None, None
 
 
@@ -206,9 +207,9 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
     own gradient gathers the incoming gradient back at the same positions."""
 
     @staticmethod
-    def forward(ctx, grad_output, indices, input_size):
-        output = _run(ops.max_pool2d_backward.default, grad_output, indices, input_size)
-        _max_pool2d_backward_setup(ctx, (grad_output, indices, input_size), output)
+    def forward(ctx, grad_output, indices, *geometry):
+        output = _run(ops.max_pool2d_backward.default, grad_output, indices, *geometry)
+        _max_pool2d_backward_setup(ctx, (grad_output, indices, *geometry), output)
         return output
 
     @staticmethod
@@ -218,7 +219,7 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
         empty = flat_idx < 0                      # windows with no input element (index -1)
         gathered = grad_grad_input.flatten(-2).gather(-1, flat_idx.clamp_min(0))
         gathered = gathered.masked_fill(empty, 0).view(indices.shape)
-        return gathered, None, None
+        return gathered, None, None, None, None, None, None, None
 
 
 _register("dlext::max_pool2d", _max_pool2d_setup, MaxPool2dFunction)

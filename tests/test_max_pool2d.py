@@ -186,17 +186,24 @@ def test_errors_match_torch(device):
 def test_backward_op_checks_its_arguments(device):
     go = torch.randn(1, 2, 2, 2, device=device)
     idx = torch.zeros(1, 2, 2, 2, dtype=torch.long, device=device)
-    bwd = torch.ops.dlext.max_pool2d_backward
+    geometry = ([2], [2], [0], [1], False)
+
+    def bwd(g, i, size, geo=geometry):
+        return torch.ops.dlext.max_pool2d_backward(g, i, size, *geo)
+
     with pytest.raises(RuntimeError, match="'indices' to be int64"):
         bwd(go, idx.int(), [1, 2, 4, 4])
     with pytest.raises(RuntimeError, match="'grad_output' to have the shape of 'indices'"):
         bwd(go[:, :1], idx, [1, 2, 4, 4])
     with pytest.raises(RuntimeError, match="'input_size'"):
         bwd(go, idx, [1, 3, 4, 4])
-    with pytest.raises(RuntimeError, match="outside the input plane"):
-        bwd(go, idx + 16, [1, 2, 4, 4])
-    with pytest.raises(RuntimeError, match="outside the input plane"):
-        bwd(go, idx - 2, [1, 2, 4, 4])
+    with pytest.raises(RuntimeError, match="do not match the pooling"):
+        bwd(go, idx, [1, 2, 4, 4], ([2], [1], [0], [1], False))
+    if device == "cpu":  # the CUDA gather never reads at an index, it only compares with it
+        with pytest.raises(RuntimeError, match="outside the input plane"):
+            bwd(go, idx + 16, [1, 2, 4, 4])
+        with pytest.raises(RuntimeError, match="outside the input plane"):
+            bwd(go, idx - 2, [1, 2, 4, 4])
 
 
 def test_module_is_a_drop_in():
@@ -222,7 +229,8 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.dlext.max_pool2d.default, args)
     _, idx = F.max_pool2d(x.detach(), 3, 2, 1, return_indices=True)
     torch.library.opcheck(torch.ops.dlext.max_pool2d_backward.default,
-                          (torch.randn(idx.shape, device=device), idx, list(x.shape)))
+                          (torch.randn(idx.shape, device=device), idx, list(x.shape), [3], [2],
+                           [1], [1], False))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -51,9 +51,11 @@ inline int64_t pool_output_size(int64_t in, int64_t k, int64_t pad, int64_t stri
   return out;
 }
 
-inline Pool2d max_pool2d_geometry(const at::Tensor& input, at::IntArrayRef kernel_size,
-                                  at::IntArrayRef stride, at::IntArrayRef padding,
-                                  at::IntArrayRef dilation, bool ceil_mode) {
+// The geometry of pooling an input of `input_size` ([N,] C, H, W), checked as torch checks it.
+inline Pool2d max_pool2d_geometry(at::IntArrayRef input_size, bool channels_last,
+                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  bool ceil_mode) {
   TORCH_CHECK(kernel_size.size() == 1 || kernel_size.size() == 2,
               "max_pool2d: kernel_size must either be a single int, or a tuple of two ints");
   TORCH_CHECK(stride.empty() || stride.size() == 1 || stride.size() == 2,
@@ -72,16 +74,13 @@ inline Pool2d max_pool2d_geometry(const at::Tensor& input, at::IntArrayRef kerne
   p.dh = dilation[0];
   p.dw = dilation.size() == 1 ? p.dh : dilation[1];
 
-  const int64_t dim = input.dim();
-  p.channels_last = is_channels_last(input);
+  const int64_t dim = static_cast<int64_t>(input_size.size());
+  p.channels_last = channels_last;
   TORCH_CHECK(dim == 3 || dim == 4, "non-empty 3D or 4D (batch mode) tensor expected for input");
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !at::isComplexType(input.scalar_type()) && input.scalar_type() != at::kBool,
-      "\"max_pool2d\" not implemented for '", input.scalar_type(), "'");
-  p.batch = dim == 4 ? input.size(0) : 1;
-  p.channels = input.size(-3);
-  p.in_h = input.size(-2);
-  p.in_w = input.size(-1);
+  p.batch = dim == 4 ? input_size[0] : 1;
+  p.channels = input_size[dim - 3];
+  p.in_h = input_size[dim - 2];
+  p.in_w = input_size[dim - 1];
   p.out_h = pool_output_size(p.in_h, p.kh, p.ph, p.sh, p.dh, ceil_mode);
   p.out_w = pool_output_size(p.in_w, p.kw, p.pw, p.sw, p.dw, ceil_mode);
 
@@ -91,10 +90,9 @@ inline Pool2d max_pool2d_geometry(const at::Tensor& input, at::IntArrayRef kerne
               " dW: ", p.sw);
   TORCH_CHECK(p.dh > 0 && p.dw > 0, "dilation should be greater than zero, but got dilationH: ",
               p.dh, " dilationW: ", p.dw);
-  const bool valid_dims = input.size(-3) != 0 && input.size(-2) != 0 && input.size(-1) != 0;
-  TORCH_CHECK(valid_dims && (dim == 4 || input.size(0) != 0),
+  TORCH_CHECK(p.channels != 0 && p.in_h != 0 && p.in_w != 0,
               "Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, "
-              "but got:", input.sizes());
+              "but got:", input_size);
   TORCH_CHECK(p.kw / 2 >= p.pw && p.kh / 2 >= p.ph,
               "pad should be smaller than or equal to half of kernel size, but got padW = ", p.pw,
               ", padH = ", p.ph, ", kW = ", p.kw, ", kH = ", p.kh);
@@ -104,17 +102,27 @@ inline Pool2d max_pool2d_geometry(const at::Tensor& input, at::IntArrayRef kerne
   return p;
 }
 
-// Output (and indices) sizes for `input`: [N,] C, out_h, out_w.
-inline std::vector<int64_t> pool_output_sizes(const at::Tensor& input, const Pool2d& p) {
-  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
+inline void check_max_pool2d_dtype(const at::Tensor& input) {
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !at::isComplexType(input.scalar_type()) && input.scalar_type() != at::kBool,
+      "\"max_pool2d\" not implemented for '", input.scalar_type(), "'");
+}
+
+// Output (and indices) sizes for an input of `input_size`: [N,] C, out_h, out_w.
+inline std::vector<int64_t> pool_output_sizes(at::IntArrayRef input_size, const Pool2d& p) {
+  std::vector<int64_t> sizes(input_size.begin(), input_size.end());
   sizes[sizes.size() - 2] = p.out_h;
   sizes[sizes.size() - 1] = p.out_w;
   return sizes;
 }
 
-inline void check_max_pool2d_backward_args(const at::Tensor& grad_output,
-                                           const at::Tensor& indices,
-                                           at::IntArrayRef input_size) {
+// The backward's arguments, and the geometry of the forward they come from.
+inline Pool2d check_max_pool2d_backward_args(const at::Tensor& grad_output,
+                                             const at::Tensor& indices,
+                                             at::IntArrayRef input_size,
+                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                             at::IntArrayRef padding, at::IntArrayRef dilation,
+                                             bool ceil_mode) {
   const char* op = "dlext::max_pool2d_backward";
   TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": expected 'indices' to be int64, got ",
               indices.scalar_type());
@@ -134,6 +142,12 @@ inline void check_max_pool2d_backward_args(const at::Tensor& grad_output,
   }
   TORCH_CHECK(at::isFloatingType(grad_output.scalar_type()), op,
               ": expected a floating-point 'grad_output', got ", grad_output.scalar_type());
+  const Pool2d p = max_pool2d_geometry(input_size, is_channels_last(indices), kernel_size, stride,
+                                       padding, dilation, ceil_mode);
+  TORCH_CHECK(indices.size(-2) == p.out_h && indices.size(-1) == p.out_w, op, ": 'indices' ",
+              indices.sizes(), " do not match the pooling of 'input_size' ", input_size,
+              " (expected ", p.out_h, "x", p.out_w, " outputs per plane)");
+  return p;
 }
 
 }  // namespace dlext

@@ -148,10 +148,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& self,
                                                   at::IntArrayRef kernel_size,
                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef dilation, bool ceil_mode) {
-  const Pool2d p = max_pool2d_geometry(self, kernel_size, stride, padding, dilation, ceil_mode);
+  check_max_pool2d_dtype(self);
+  const Pool2d p = max_pool2d_geometry(self.sizes(), is_channels_last(self), kernel_size, stride,
+                                       padding, dilation, ceil_mode);
   const auto fmt = p.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = self.contiguous(fmt);
-  const auto sizes = pool_output_sizes(self, p);
+  const auto sizes = pool_output_sizes(self.sizes(), p);
   at::Tensor out = new_empty(sizes, x.options(), fmt);
   at::Tensor indices = new_empty(sizes, x.options().dtype(at::kLong), fmt);
   if (out.numel() == 0) return {out, indices};
@@ -261,9 +263,13 @@ void backward_channels_last(const scalar_t* go, const int64_t* idx, scalar_t* gi
 }
 
 at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& indices,
-                                   at::IntArrayRef input_size) {
-  check_max_pool2d_backward_args(grad_output, indices, input_size);
-  const bool channels_last = is_channels_last(indices);
+                                   at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, bool ceil_mode) {
+  const bool channels_last = check_max_pool2d_backward_args(grad_output, indices, input_size,
+                                                            kernel_size, stride, padding,
+                                                            dilation, ceil_mode)
+                                 .channels_last;
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor go = grad_output.contiguous(fmt);
   const at::Tensor ix = indices.contiguous(fmt);
