@@ -371,21 +371,19 @@ inline void for_each_plane_run(const Geometry& g, int64_t begin, int64_t end, co
 
 // ---------------------------------------------------------------------- rows: all channels
 
-// Rows are walked kRowTile at a time for each vector of channels, so that per-channel
-// accumulators and coefficients stay in registers across the tile instead of going through
-// memory at every row. For a given channel, rows are still visited in order.
-constexpr int64_t kRowTile = 4;
-
-// Over rows [begin, end), tile by tile: vf(c, r0, r1) for each full vector of channels starting
-// at c, then sf(c, r0, r1) for each remaining channel.
+// Rows are walked in memory order, which keeps the hardware prefetchers streaming (walking a few
+// rows at once to hold accumulators in registers measured slower once data comes from DRAM);
+// per-channel accumulators and coefficients are C values that stay in L1.
+//
+// Over rows [begin, end): vf(i, c) for each full vector of channels of a row (i the index of
+// its first value, c its channel), then sf(i, c) for each remaining value.
 template <typename T, typename VF, typename SF>
-inline void for_each_row_tile(int64_t C, int64_t begin, int64_t end, const VF& vf, const SF& sf) {
+inline void for_each_row(int64_t C, int64_t begin, int64_t end, const VF& vf, const SF& sf) {
   constexpr int64_t W = kW<T>;
-  for (int64_t r0 = begin; r0 < end; r0 += kRowTile) {
-    const int64_t r1 = std::min(end, r0 + kRowTile);
+  for (int64_t r = begin; r < end; ++r) {
     int64_t c = 0;
-    for (; c + W <= C; c += W) vf(c, r0, r1);
-    for (; c < C; ++c) sf(c, r0, r1);
+    for (; c + W <= C; c += W) vf(r * C + c, c);
+    for (; c < C; ++c) sf(r * C + c, c);
   }
 }
 
@@ -399,29 +397,19 @@ void rows_block_moments(const T* x, int64_t C, int64_t rb, int64_t re, const acc
   using V = AccVec<T>;
   std::fill(mean, mean + C, acc_t(0));
   std::fill(m2, m2 + C, acc_t(0));
-  for_each_row_tile<T>(C, rb, re, [&](int64_t c, int64_t r0, int64_t r1) {
-    const V k = V::loadu(shift + c);
-    V s = V::loadu(mean + c);
-    for (int64_t r = r0; r < r1; ++r) s += load_acc(x + r * C + c) - k;
-    s.store(mean + c);
-  }, [&](int64_t c, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) mean[c] += static_cast<acc_t>(x[r * C + c]) - shift[c];
+  for_each_row<T>(C, rb, re, [&](int64_t i, int64_t c) {
+    (V::loadu(mean + c) + (load_acc(x + i) - V::loadu(shift + c))).store(mean + c);
+  }, [&](int64_t i, int64_t c) {
+    mean[c] += static_cast<acc_t>(x[i]) - shift[c];
   });
   const acc_t count = static_cast<acc_t>(re - rb);
   for (int64_t c = 0; c < C; ++c) mean[c] /= count;
-  for_each_row_tile<T>(C, rb, re, [&](int64_t c, int64_t r0, int64_t r1) {
-    const V k = V::loadu(shift + c), m = V::loadu(mean + c);
-    V q = V::loadu(m2 + c);
-    for (int64_t r = r0; r < r1; ++r) {
-      const V d = (load_acc(x + r * C + c) - k) - m;
-      q = at::vec::fmadd(d, d, q);
-    }
-    q.store(m2 + c);
-  }, [&](int64_t c, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const acc_t d = (static_cast<acc_t>(x[r * C + c]) - shift[c]) - mean[c];
-      m2[c] += d * d;
-    }
+  for_each_row<T>(C, rb, re, [&](int64_t i, int64_t c) {
+    const V d = (load_acc(x + i) - V::loadu(shift + c)) - V::loadu(mean + c);
+    at::vec::fmadd(d, d, V::loadu(m2 + c)).store(m2 + c);
+  }, [&](int64_t i, int64_t c) {
+    const acc_t d = (static_cast<acc_t>(x[i]) - shift[c]) - mean[c];
+    m2[c] += d * d;
   });
 }
 
@@ -504,22 +492,14 @@ void rows_sums(const T* dy, const T* x, const Geometry& g, const acc_type<T>* me
       acc_t* s = partial.data() + grp * 2 * C;
       acc_t* p = s + C;
       const int64_t rb = grid.group_row_begin(grp), re = grid.group_row_begin(grp + 1);
-      for_each_row_tile<T>(C, rb, re, [&](int64_t c, int64_t r0, int64_t r1) {
-        const V m = V::loadu(mean + c);
-        V sv = V::loadu(s + c), pv = V::loadu(p + c);
-        for (int64_t r = r0; r < r1; ++r) {
-          const V g0 = load_acc(dy + r * C + c);
-          sv += g0;
-          pv = at::vec::fmadd(g0, load_acc(x + r * C + c) - m, pv);
-        }
-        sv.store(s + c);
-        pv.store(p + c);
-      }, [&](int64_t c, int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const acc_t g0 = static_cast<acc_t>(dy[r * C + c]);
-          s[c] += g0;
-          p[c] += g0 * (static_cast<acc_t>(x[r * C + c]) - mean[c]);
-        }
+      for_each_row<T>(C, rb, re, [&](int64_t i, int64_t c) {
+        const V g0 = load_acc(dy + i);
+        (V::loadu(s + c) + g0).store(s + c);
+        at::vec::fmadd(g0, load_acc(x + i) - V::loadu(mean + c), V::loadu(p + c)).store(p + c);
+      }, [&](int64_t i, int64_t c) {
+        const acc_t g0 = static_cast<acc_t>(dy[i]);
+        s[c] += g0;
+        p[c] += g0 * (static_cast<acc_t>(x[i]) - mean[c]);
       });
     }
   });
@@ -583,16 +563,11 @@ void normalise(const T* x, T* y, const Geometry& g, const acc_type<T>* mean,
     const int64_t C = g.C;
     const int64_t grain = std::max<int64_t>(1, cpu::kGrain / C);
     at::parallel_for(0, g.count(), grain, [&](int64_t b, int64_t e) {
-      for_each_row_tile<T>(C, b, e, [&](int64_t c, int64_t r0, int64_t r1) {
-        const V m = V::loadu(mean + c), s = V::loadu(scale + c), t = V::loadu(shift + c);
-        for (int64_t r = r0; r < r1; ++r) {
-          store_acc(y + r * C + c, at::vec::fmadd(load_acc(x + r * C + c) - m, s, t));
-        }
-      }, [&](int64_t c, int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          y[r * C + c] = static_cast<T>((static_cast<acc_type<T>>(x[r * C + c]) - mean[c]) *
-                                        scale[c] + shift[c]);
-        }
+      for_each_row<T>(C, b, e, [&](int64_t i, int64_t c) {
+        store_acc(y + i, at::vec::fmadd(load_acc(x + i) - V::loadu(mean + c), V::loadu(scale + c),
+                                        V::loadu(shift + c)));
+      }, [&](int64_t i, int64_t c) {
+        y[i] = static_cast<T>((static_cast<acc_type<T>>(x[i]) - mean[c]) * scale[c] + shift[c]);
       });
     });
     return;
@@ -658,32 +633,21 @@ void apply_grad(const T* dy, const T* x, T* dx, const Geometry& g,
     const int64_t grain = std::max<int64_t>(1, cpu::kGrain / C);
     at::parallel_for(0, g.count(), grain, [&](int64_t b, int64_t e) {
       if (train) {
-        for_each_row_tile<T>(C, b, e, [&](int64_t c, int64_t r0, int64_t r1) {
-          const V vm = V::loadu(m.data() + c), vmdy = V::loadu(mdy.data() + c);
-          const V vk = V::loadu(k.data() + c), va = V::loadu(a.data() + c);
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t i = r * C + c;
-            const V t = at::vec::fnmadd(load_acc(x + i) - vm, vk, load_acc(dy + i) - vmdy);
-            store_acc(dx + i, t * va);
-          }
-        }, [&](int64_t c, int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            const int64_t i = r * C + c;
-            const acc_t t = (static_cast<acc_t>(dy[i]) - mdy[c]) -
-                            (static_cast<acc_t>(x[i]) - m[c]) * k[c];
-            dx[i] = static_cast<T>(t * a[c]);
-          }
+        for_each_row<T>(C, b, e, [&](int64_t i, int64_t c) {
+          const V t = at::vec::fnmadd(load_acc(x + i) - V::loadu(m.data() + c),
+                                      V::loadu(k.data() + c),
+                                      load_acc(dy + i) - V::loadu(mdy.data() + c));
+          store_acc(dx + i, t * V::loadu(a.data() + c));
+        }, [&](int64_t i, int64_t c) {
+          const acc_t t = (static_cast<acc_t>(dy[i]) - mdy[c]) -
+                          (static_cast<acc_t>(x[i]) - m[c]) * k[c];
+          dx[i] = static_cast<T>(t * a[c]);
         });
       } else {
-        for_each_row_tile<T>(C, b, e, [&](int64_t c, int64_t r0, int64_t r1) {
-          const V va = V::loadu(a.data() + c);
-          for (int64_t r = r0; r < r1; ++r) {
-            store_acc(dx + r * C + c, load_acc(dy + r * C + c) * va);
-          }
-        }, [&](int64_t c, int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            dx[r * C + c] = static_cast<T>(static_cast<acc_t>(dy[r * C + c]) * a[c]);
-          }
+        for_each_row<T>(C, b, e, [&](int64_t i, int64_t c) {
+          store_acc(dx + i, load_acc(dy + i) * V::loadu(a.data() + c));
+        }, [&](int64_t i, int64_t c) {
+          dx[i] = static_cast<T>(static_cast<acc_t>(dy[i]) * a[c]);
         });
       }
     });
