@@ -183,18 +183,47 @@ def test_running_stats_after_several_steps(device, momentum):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_running_stats_strided_and_version_counter(device):
-    """Running statistics may be strided views; they are written in place, through the view."""
+def test_per_channel_tensors_may_be_strided_views(device):
+    """Running statistics, weight and bias may be strided views; the running statistics are
+    written in place, through the view, and autograd sees the write."""
     x = torch.randn(6, 4, 9, device=device)
     store_ours, store_nat = torch.zeros(8, device=device), torch.zeros(8, device=device)
     var_ours, var_nat = torch.ones(4, device=device), torch.ones(4, device=device)
+    params = torch.randn(4, 2, device=device)
+    w, b = params[:, 0], params[:, 1]
     version = var_ours._version
-    DF.batch_norm(x, store_ours[::2], var_ours, training=True, momentum=0.3)
-    F.batch_norm(x, store_nat[::2], var_nat, training=True, momentum=0.3)
+    out = DF.batch_norm(x, store_ours[::2], var_ours, w, b, training=True, momentum=0.3)
+    ref = F.batch_norm(x, store_nat[::2], var_nat, w, b, training=True, momentum=0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(store_ours, store_nat, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(var_ours, var_nat, rtol=2e-6, atol=1e-7)
     assert store_ours[1::2].eq(0).all()
     assert var_ours._version > version, "autograd must see the in-place update"
+    torch.testing.assert_close(DF.batch_norm(x, store_ours[::2], var_ours, w, b),
+                               F.batch_norm(x, store_nat[::2], var_nat, w, b),
+                               rtol=1e-5, atol=1e-5)
+    # The statistics handed to the raw ops may be views too.
+    mean, var = ops.batch_norm_stats(x)
+    packed = torch.stack([mean, (var + 1e-5).rsqrt()], 1)
+    dy = torch.randn_like(x)
+    strided = ops.batch_norm_backward(dy, x, w, packed[:, 0], packed[:, 1], True,
+                                      [True, True, True])
+    dense = ops.batch_norm_backward(dy, x, w, packed[:, 0].contiguous(),
+                                    packed[:, 1].contiguous(), True, [True, True, True])
+    for a, d in zip(strided, dense):
+        assert torch.equal(a, d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_mode(device):
+    module, ref = DN.BatchNorm2d(3).to(device), torch.nn.BatchNorm2d(3).to(device)
+    x = torch.randn(4, 3, 5, 5, device=device)
+    with torch.inference_mode():
+        for mode in ("train", "eval"):
+            getattr(module, mode)()
+            getattr(ref, mode)()
+            torch.testing.assert_close(module(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.running_var, ref.running_var, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -644,10 +673,14 @@ def test_opcheck(device):
     def stats():
         return torch.zeros(3, device=device), torch.ones(3, device=device)
 
+    ambiguous = [torch.randn(4, 3, 1, 1, device=device),  # contiguous and channels_last alike
+                 torch.randn(4, 1, 5, 5, device=device)[:, :, :, :3].transpose(2, 3)]
     for args in [(x, w, b, *stats(), True), (x, w, b, *stats(), False),
                  (cl, None, None, None, None, True), (x[..., ::2], w, None, *stats(), False),
                  (torch.randn(5, 3, device=device), None, b, *stats(), True),
-                 (x.bfloat16(), w, b, *stats(), True)]:
+                 (x.bfloat16(), w, b, *stats(), True),
+                 (ambiguous[0], None, None, None, None, True),
+                 (ambiguous[1], None, None, None, None, True)]:
         torch.library.opcheck(ops.batch_norm.default, (*args, 0.1, 1e-5))
     for t, mask, training in [(x, [True, True, True], True), (cl, [False, True, False], False),
                               (x.bfloat16(), [True, False, True], True)]:

@@ -336,8 +336,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const at::Tensor dy = like_input(grad_output, in);
   DLEXT_BN_DISPATCH(in.x.scalar_type(), op, [&] {
     using acc_t = bn_cpu::acc_type<scalar_t>;
-    const acc_t* mean = save_mean.const_data_ptr<acc_t>();
-    const acc_t* invstd = save_invstd.const_data_ptr<acc_t>();
+    const std::vector<acc_t> mean = channel_values<acc_t>(save_mean, C, 0);
+    const std::vector<acc_t> invstd = channel_values<acc_t>(save_invstd, C, 0);
     const std::vector<acc_t> w = channel_values<acc_t>(weight, C, 1);
     const int64_t n = in.g.count();
     std::vector<acc_t> sdy(static_cast<size_t>(C), acc_t(0));
@@ -347,8 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
       const acc_t count = static_cast<acc_t>(n);
       bn_cpu::sums_then_grad(
           dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(),
-          output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr, in.g, mean, reduce,
-          training, [&](int64_t c, acc_t s, acc_t p) {
+          output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr, in.g, mean.data(),
+          reduce, training, [&](int64_t c, acc_t s, acc_t p) {
             sdy[c] = s;
             sdxm[c] = p;
             // torch's formula: dx = (dy - sum_dy / n - (x - mean) * k) * invstd * w
