@@ -24,8 +24,9 @@
 //     data far from 0 (mean 1e4, spread 1e-2) keep their digits: x - shift is exact there.
 //   - planes: vectorised along L; threads split the channels, and each thread finishes its
 //     channel (statistics -> normalise, reduce -> apply) while the channel is in its L2, so the
-//     fused passes read the input from memory once. With fewer channels than threads, segments
-//     of a channel are spread over threads instead and the parts run as separate passes.
+//     fused passes read the input from memory once. With too few channels to balance the
+//     threads, the groups of segments of every channel are spread over the threads instead, and
+//     the parts run as separate passes.
 //   - rows: vectorised across channels with per-channel accumulators in L1; threads split the
 //     rows into fixed groups whose partial results are merged in group order.
 //
@@ -131,8 +132,8 @@ inline int64_t channel_grain(const Geometry& g) {
 
 // ------------------------------------------------------------------ contiguous-run reductions
 
-// sum x, and sum (x - mean)^2, over runs of contiguous values: four vector accumulators, then
-// the lanes in order.
+// sum (x - shift), and sum (x - shift - mean)^2, over runs of contiguous values: four vector
+// accumulators, then the lanes in order.
 template <typename T>
 struct Sum {
   using acc_t = acc_type<T>;
