@@ -5,6 +5,8 @@ autograd Function of dlext.autograd.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from dlext.autograd import BatchNormFunction, ReLUFunction, ReLUInplaceFunction
@@ -49,7 +51,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
         raise TypeError(f"batch_norm(): argument 'training' must be bool, not "
                         f"{type(training).__name__}")
     for name, value in (("momentum", momentum), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"batch_norm(): argument '{name}' must be float, not "
                             f"{type(value).__name__}")
     if training:
