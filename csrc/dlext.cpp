@@ -25,8 +25,39 @@ TORCH_LIBRARY(dlext, m) {
       "max_pool2d_backward(Tensor grad_output, Tensor indices, int[] input_size, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) "
       "-> Tensor");
+
+  // BatchNorm. Input (N, C, ...) with 2 or more dims; per-channel tensors are 1-D of C values.
+  // weight, bias and the running statistics share one dtype: the input's, or float32 for a
+  // bfloat16/float16 input. mean, var, invstd and the sums are in the accumulation dtype (float32
+  // for 16-bit and float32 inputs, float64 for float64). Input-shaped results take the input's
+  // suggested memory format (channels_last stays channels_last).
+  //
+  // The primitives, which a synchronised multi-process BatchNorm combines around its
+  // all-reduces: per-channel statistics (biased var); y = (x - mean) * invstd * weight + bias;
+  // the backward sums sum(dy) and sum(dy * (x - mean)) (with grad_weight = sum_dy_xmu * invstd
+  // and grad_bias = sum_dy); and the training-mode input gradient for sums over `count` values
+  // per channel (the count over every process).
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
+        "Tensor invstd) -> Tensor");
+  m.def("batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, "
+        "Tensor invstd, Tensor? weight, bool[3] output_mask) -> (Tensor sum_dy, "
+        "Tensor sum_dy_xmu, Tensor grad_weight, Tensor grad_bias)");
+  m.def("batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, "
+        "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
+  // The single-process layer. Training normalises with the batch statistics and updates the
+  // running statistics in place (unbiased variance); evaluation uses the running statistics.
+  // save_mean / save_invstd are the mean and invstd it normalised with, in either mode, so the
+  // backward needs neither the running statistics nor eps.
+  m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, bool training, float momentum, float eps) -> (Tensor out, "
+        "Tensor save_mean, Tensor save_invstd)");
+  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
+        "Tensor save_mean, Tensor save_invstd, bool training, bool[3] output_mask) -> "
+        "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(dlext, Autograd, m) {
   m.impl("relu_", torch::CppFunction::makeFromBoxedFunction<&dlext::mutable_op_autograd>());
+  m.impl("batch_norm", torch::CppFunction::makeFromBoxedFunction<&dlext::mutable_op_autograd>());
 }

@@ -224,3 +224,281 @@ class MaxPool2dBackwardFunction(torch.autograd.Function):
 
 _register("dlext::max_pool2d", _max_pool2d_setup, MaxPool2dFunction)
 _register("dlext::max_pool2d_backward", _max_pool2d_backward_setup, MaxPool2dBackwardFunction)
+
+# ---------------------------------------------------------------------------------- batch_norm
+#
+# Generic helpers first (any op may use them): gradients of an op restated in elementary torch ops.
+
+def _save_inputs(ctx, inputs) -> None:
+    """Keeps an op's inputs for backward: tensors (and None) saved, other arguments on ctx."""
+    ctx.input_is_tensor = [a is None or isinstance(a, torch.Tensor) for a in inputs]
+    ctx.save_for_backward(*[a for a, t in zip(inputs, ctx.input_is_tensor) if t])
+    ctx.other_inputs = [a for a, t in zip(inputs, ctx.input_is_tensor) if not t]
+
+
+def _saved_inputs(ctx) -> list:
+    tensors, others = iter(ctx.saved_tensors), iter(ctx.other_inputs)
+    return [next(tensors) if t else next(others) for t in ctx.input_is_tensor]
+
+
+def _double_backward_by_recompute(formula, inputs, needs_input_grad, grad_outputs) -> tuple:
+    """Gradients of formula(*inputs) with respect to inputs, for grad_outputs.
+
+    `formula` restates an op, typically a backward op, in elementary differentiable torch ops; a
+    Function's backward returns this for its inputs (None where needs_input_grad is False), so the
+    op is differentiable without a kernel for its own derivative. When the backward is itself
+    being recorded (create_graph), inputs that require grad enter the formula through an alias,
+    so the result stays differentiable with respect to them (third order and beyond); otherwise
+    they enter as fresh leaves.
+    """
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        args, wrt = [], []
+        for a, need in zip(inputs, needs_input_grad):
+            if need and isinstance(a, torch.Tensor):
+                if create_graph and a.requires_grad:
+                    a = a.view_as(a)
+                else:
+                    a = a.detach().requires_grad_()
+                wrt.append(a)
+            args.append(a)
+        outputs = formula(*args)
+        if isinstance(outputs, torch.Tensor):
+            outputs = (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
+                 if o is not None and g is not None and o.requires_grad]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                         allow_unused=True, create_graph=create_graph)
+                     if pairs and wrt else [None] * len(wrt))
+    return tuple(next(grads) if need and isinstance(a, torch.Tensor) else None
+                 for a, need in zip(inputs, needs_input_grad))
+
+
+def _register_by_recompute(op_name: str, formula) -> None:
+    """Autograd for a functional op from `formula`, its restatement in elementary torch ops.
+
+    For ops whose derivatives are rarely taken directly (the BatchNorm primitives): correct to any
+    order, at the speed of the elementary ops.
+    """
+    def backward(ctx, *grads):
+        return _double_backward_by_recompute(formula, _saved_inputs(ctx), ctx.needs_input_grad,
+                                             grads)
+    register_autograd(op_name, backward, setup_context=lambda ctx, inputs, output:
+                      _save_inputs(ctx, inputs))
+
+
+# BatchNorm: shapes and dtypes of the kernels' results.
+
+def _bn_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """mean, var, invstd and the backward sums: float32 for 16-bit inputs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _bn_empty_like_input(input: torch.Tensor) -> torch.Tensor:
+    """An input-shaped result: the input's suggested memory format, as the kernels allocate it."""
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                       memory_format=torch._prims_common.suggest_memory_format(input))
+
+
+def _bn_per_channel(input: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return input.new_empty((input.shape[1],), dtype=dtype)
+
+
+def _bn_param_grad_dtype(input, weight) -> torch.dtype:
+    return weight.dtype if weight is not None else _bn_acc_dtype(input.dtype)
+
+
+@register_fake("dlext::batch_norm_stats")
+def _bn_stats_fake(input):
+    acc = _bn_acc_dtype(input.dtype)
+    return _bn_per_channel(input, acc), _bn_per_channel(input, acc)
+
+
+@register_fake("dlext::batch_norm_elemt")
+def _bn_elemt_fake(input, weight, bias, mean, invstd):
+    return _bn_empty_like_input(input)
+
+
+@register_fake("dlext::batch_norm_backward_reduce")
+def _bn_backward_reduce_fake(grad_output, input, mean, invstd, weight, output_mask):
+    acc, pgrad = _bn_acc_dtype(input.dtype), _bn_param_grad_dtype(input, weight)
+    return (_bn_per_channel(input, acc) if output_mask[0] else None,
+            _bn_per_channel(input, acc) if output_mask[0] else None,
+            _bn_per_channel(input, pgrad) if output_mask[1] else None,
+            _bn_per_channel(input, pgrad) if output_mask[2] else None)
+
+
+@register_fake("dlext::batch_norm_backward_elemt")
+def _bn_backward_elemt_fake(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    return _bn_empty_like_input(input)
+
+
+@register_fake("dlext::batch_norm")
+def _bn_fake(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    acc = _bn_acc_dtype(input.dtype)
+    return _bn_empty_like_input(input), _bn_per_channel(input, acc), _bn_per_channel(input, acc)
+
+
+@register_fake("dlext::batch_norm_backward")
+def _bn_backward_fake(grad_output, input, weight, save_mean, save_invstd, training, output_mask):
+    pgrad = _bn_param_grad_dtype(input, weight)
+    return (_bn_empty_like_input(input) if output_mask[0] else None,
+            _bn_per_channel(input, pgrad) if output_mask[1] else None,
+            _bn_per_channel(input, pgrad) if output_mask[2] else None)
+
+
+# BatchNorm restated in elementary torch ops (computed in the dtype of the statistics), for the
+# derivatives of the backward ops and of the primitives.
+
+def _bn_channels(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel tensor shaped to broadcast over x: (1, C, 1, ...)."""
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _bn_reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _bn_count(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def _bn_scale(invstd, weight):
+    return invstd if weight is None else invstd * weight.to(invstd.dtype)
+
+
+def _bn_elemt_formula(input, weight, bias, mean, invstd):
+    y = (input.to(mean.dtype) - _bn_channels(mean, input)) * _bn_channels(_bn_scale(invstd, weight),
+                                                                          input)
+    if bias is not None:
+        y = y + _bn_channels(bias.to(mean.dtype), input)
+    return y.to(input.dtype)
+
+
+def _bn_grad_sums(grad_output, input, mean):
+    dims = _bn_reduce_dims(input)
+    dy = grad_output.to(mean.dtype)
+    xmu = input.to(mean.dtype) - _bn_channels(mean, input)
+    return dy, xmu, dy.sum(dims), (dy * xmu).sum(dims)
+
+
+def _bn_train_grad_input(dy, xmu, input, invstd, weight, sum_dy, sum_dy_xmu, count):
+    count = max(count, 1)
+    dx = (dy - _bn_channels(sum_dy / count, input)
+          - xmu * _bn_channels(invstd * invstd * sum_dy_xmu / count, input))
+    return (dx * _bn_channels(_bn_scale(invstd, weight), input)).to(input.dtype)
+
+
+def _bn_backward_reduce_formula(grad_output, input, mean, invstd, weight, output_mask):
+    _, _, sum_dy, sum_dy_xmu = _bn_grad_sums(grad_output, input, mean)
+    pgrad = _bn_param_grad_dtype(input, weight)
+    return (sum_dy if output_mask[0] else None, sum_dy_xmu if output_mask[0] else None,
+            (sum_dy_xmu * invstd).to(pgrad) if output_mask[1] else None,
+            sum_dy.to(pgrad) if output_mask[2] else None)
+
+
+def _bn_backward_elemt_formula(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu,
+                               count):
+    dy = grad_output.to(mean.dtype)
+    xmu = input.to(mean.dtype) - _bn_channels(mean, input)
+    return _bn_train_grad_input(dy, xmu, input, invstd, weight, sum_dy, sum_dy_xmu, count)
+
+
+def _bn_backward_formula(grad_output, input, weight, save_mean, save_invstd, training,
+                         output_mask):
+    dy, xmu, sum_dy, sum_dy_xmu = _bn_grad_sums(grad_output, input, save_mean)
+    if training:
+        dx = _bn_train_grad_input(dy, xmu, input, save_invstd, weight, sum_dy, sum_dy_xmu,
+                                  _bn_count(input))
+    else:
+        dx = (dy * _bn_channels(_bn_scale(save_invstd, weight), input)).to(input.dtype)
+    pgrad = _bn_param_grad_dtype(input, weight)
+    return (dx if output_mask[0] else None,
+            (sum_dy_xmu * save_invstd).to(pgrad) if output_mask[1] else None,
+            sum_dy.to(pgrad) if output_mask[2] else None)
+
+
+def _bn_stats_grad_input(input, mean, grad_mean, grad_var):
+    """d/dinput of <grad_mean, mean(input)> + <grad_var, var(input)> (biased variance)."""
+    count = max(_bn_count(input), 1)
+    xf = input.to(mean.dtype)
+    dx = torch.zeros_like(xf) if grad_var is None else (
+        (xf - _bn_channels(mean, input)) * _bn_channels(grad_var * (2.0 / count), input))
+    if grad_mean is not None:
+        dx = dx + _bn_channels(grad_mean / count, input)
+    return dx.to(input.dtype)
+
+
+def _bn_stats_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _bn_stats_backward(ctx, grad_mean, grad_var):
+    input, mean = ctx.saved_tensors
+    return (_bn_stats_grad_input(input, mean, grad_mean, grad_var),)
+
+
+register_autograd("dlext::batch_norm_stats", _bn_stats_backward, setup_context=_bn_stats_setup)
+_register_by_recompute("dlext::batch_norm_elemt", _bn_elemt_formula)
+_register_by_recompute("dlext::batch_norm_backward_reduce", _bn_backward_reduce_formula)
+_register_by_recompute("dlext::batch_norm_backward_elemt", _bn_backward_elemt_formula)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """(out, save_mean, save_invstd) = batch_norm(input, weight, bias, running stats, ...).
+
+    Updates the running statistics in place in training. save_mean and save_invstd are outputs:
+    in training they are functions of the input, and their gradients (non-zero only in double
+    backward) flow back to it, so the backward op can treat them as plain inputs. In evaluation
+    they come from the running statistics and are not differentiable (as in torch).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+        # Called through the dispatcher's Autograd key (common/mutable_autograd.h), which bumps
+        # the version counters of the running statistics the op writes.
+        out, mean, invstd = ops.batch_norm.default(input, weight, bias, running_mean, running_var,
+                                                   training, momentum, eps)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.training = training
+        ctx.set_materialize_grads(False)
+        if not training:
+            ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        grad_input = grad_weight = grad_bias = None
+        if grad_out is not None and any(mask):
+            grad_input, grad_weight, grad_bias = _differentiable(
+                BatchNormBackwardFunction, ops.batch_norm_backward.default, grad_out, input, weight,
+                mean, invstd, ctx.training, mask)
+        if ctx.training and mask[0] and (grad_mean is not None or grad_invstd is not None):
+            # invstd = (var + eps)^(-1/2): d invstd / d var = -invstd^3 / 2.
+            grad_var = None if grad_invstd is None else grad_invstd * (-0.5 * invstd ** 3)
+            from_stats = _bn_stats_grad_input(input, mean, grad_mean, grad_var)
+            grad_input = from_stats if grad_input is None else grad_input + from_stats
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+class BatchNormBackwardFunction(torch.autograd.Function):
+    """(grad_input, grad_weight, grad_bias) = batch_norm_backward(...); differentiable by
+    recomputing its formula in elementary ops (_double_backward_by_recompute)."""
+
+    @staticmethod
+    def forward(ctx, grad_output, input, weight, save_mean, save_invstd, training, output_mask):
+        inputs = (grad_output, input, weight, save_mean, save_invstd, training, output_mask)
+        grads = _run(ops.batch_norm_backward.default, *inputs)
+        _save_inputs(ctx, inputs)
+        return grads
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        return _double_backward_by_recompute(_bn_backward_formula, _saved_inputs(ctx),
+                                             ctx.needs_input_grad, grad_grads)
+
+
+register_autograd("dlext::batch_norm_backward", BatchNormBackwardFunction.backward,
+                  setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs))

@@ -9,7 +9,7 @@ import torch
 
 from dlext import functional as DF
 
-__all__ = ["ReLU", "MaxPool2d"]
+__all__ = ["ReLU", "MaxPool2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
 class ReLU(torch.nn.ReLU):
@@ -21,3 +21,41 @@ class MaxPool2d(torch.nn.MaxPool2d):
     def forward(self, input: torch.Tensor):
         return DF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+def _batch_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
+    """torch.nn.modules.batchnorm._BatchNorm.forward, on dlext.functional.batch_norm."""
+    self._check_input_dim(input)
+    # momentum=None: a cumulative moving average over num_batches_tracked.
+    if self.momentum is None:
+        exponential_average_factor = 0.0
+    else:
+        exponential_average_factor = self.momentum
+    if self.training and self.track_running_stats:
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                exponential_average_factor = self.momentum
+    # Batch statistics in training, and in evaluation when there are no running statistics.
+    if self.training:
+        bn_training = True
+    else:
+        bn_training = (self.running_mean is None) and (self.running_var is None)
+    # The running statistics are passed only where they are used or updated.
+    track = not self.training or self.track_running_stats
+    return DF.batch_norm(input, self.running_mean if track else None,
+                         self.running_var if track else None, self.weight, self.bias,
+                         bn_training, exponential_average_factor, self.eps)
+
+
+class BatchNorm1d(torch.nn.BatchNorm1d):
+    forward = _batch_norm_forward
+
+
+class BatchNorm2d(torch.nn.BatchNorm2d):
+    forward = _batch_norm_forward
+
+
+class BatchNorm3d(torch.nn.BatchNorm3d):
+    forward = _batch_norm_forward

@@ -43,6 +43,30 @@ CHECKS = [
 ]
 
 
+def _batch_norm_inputs(device):
+    x = torch.randn(4, 3, 5, 7, dtype=torch.float64, device=device) * 2 + 1
+    w = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+    b = torch.randn(3, dtype=torch.float64, device=device)
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+
+
+def _running_stats(x):
+    """Fixed running statistics for evaluation mode (fresh tensors: training would update them)."""
+    c = x.shape[1]
+    return (torch.linspace(-0.5, 0.5, c, dtype=x.dtype, device=x.device),
+            torch.linspace(0.5, 1.5, c, dtype=x.dtype, device=x.device))
+
+
+CHECKS += [
+    Check("batch_norm (train)", _batch_norm_inputs,
+          lambda x, w, b: DF.batch_norm(x, *_running_stats(x), w, b, training=True),
+          lambda x, w, b: F.batch_norm(x, *_running_stats(x), w, b, training=True)),
+    Check("batch_norm (eval)", _batch_norm_inputs,
+          lambda x, w, b: DF.batch_norm(x, *_running_stats(x), w, b),
+          lambda x, w, b: F.batch_norm(x, *_running_stats(x), w, b)),
+]
+
+
 def _max_diff(a, b) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
