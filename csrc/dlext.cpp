@@ -13,6 +13,15 @@ TORCH_LIBRARY(dlext, m) {
   m.def("relu(Tensor self) -> Tensor");
   m.def("relu_(Tensor(a!) self) -> ()");
   m.def("relu_backward(Tensor grad_output, Tensor result) -> Tensor");
+
+  // conv2d. padding is [top, bottom, left, right], so padding='same' with an even kernel needs
+  // no padded copy. conv2d_backward returns None for each gradient output_mask does not ask for
+  // (grad_input, grad_weight, grad_bias).
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+        "int[4] padding, int[2] dilation, int groups, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dlext, Autograd, m) {
