@@ -50,7 +50,8 @@ void bias_backward_kernel(const Conv2dGeometry& g, const T* dy, T* db) {
     return;
   }
   const int64_t rows = g.N * P;
-  at::parallel_for(0, (K + kColumnBlock - 1) / kColumnBlock, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, rows * kColumnBlock));
+  at::parallel_for(0, (K + kColumnBlock - 1) / kColumnBlock, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(kColumnBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t k0 = blk * kColumnBlock, width = std::min(kColumnBlock, K - k0);

@@ -36,6 +36,7 @@ namespace {
 constexpr int64_t kPatchTileBytes = 512 * 1024;  // a patch tile that stays in a 1 MiB L2
 constexpr int64_t kMinTilePixels = 64;           // narrower tiles make poor GEMMs
 constexpr int64_t kDirectTilePixels = 4096;      // no patch matrix: tiles only share out work
+constexpr int64_t kMinTaskMacs = 1 << 18;        // less work than this is not worth a thread
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -104,6 +105,12 @@ Tiling make_tiling(const Conv2dGeometry& g, bool direct, int64_t elem_size, int6
   return t;
 }
 
+// Threads worth using: one per kMinTaskMacs multiply-adds at most.
+int64_t useful_threads(const Conv2dGeometry& g) {
+  const int64_t macs = g.N * g.Ho * g.Wo * g.K * g.patch();
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), macs / kMinTaskMacs));
+}
+
 // 1x1, stride 1, no padding: the input is its own patch matrix (dilation is irrelevant).
 bool is_pointwise(const Conv2dGeometry& g) {
   return g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_t == 0 &&
@@ -137,10 +144,11 @@ class GemmConv {
         g_(pointwise_ && geometry.channels_last ? as_one_image(geometry) : geometry),
         D_(g_.patch()),
         P_(g_.Ho * g_.Wo),
-        tiles_(make_tiling(g_, pointwise_, sizeof(T), at::get_num_threads())) {}
+        tiles_(make_tiling(g_, pointwise_, sizeof(T), useful_threads(g_))),
+        grain_(ceil_div(kMinTaskMacs, g_.K * D_ * tiles_.max_pixels())) {}
 
   void forward(const T* x, const T* w, const T* bias, T* y) const {
-    at::parallel_for(0, tiles_.count, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tiles_.count, grain_, [&](int64_t begin, int64_t end) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Scratch<T> s;
       for (int64_t i = begin; i < end; ++i) {
@@ -179,7 +187,7 @@ class GemmConv {
     const auto own_image = [&](int64_t n) { return dx == nullptr ? nullptr : dx + n * image; };
 
     if (!scatter || tiles_.nt == 1) {  // tiles write disjoint parts of dx
-      at::parallel_for(0, tiles_.count, 1,
+      at::parallel_for(0, tiles_.count, grain_,
                        [&](int64_t b, int64_t e) { run(b, e, own_image); });
     } else {
       // Tiles of one image scatter into overlapping rows of it. Threads take whole images while
@@ -191,7 +199,7 @@ class GemmConv {
       });
       for (int64_t n = whole; n < g_.N; ++n) {
         std::vector<at::Tensor> copies(threads);
-        at::parallel_for(n * tiles_.nt, (n + 1) * tiles_.nt, 1, [&](int64_t b, int64_t e) {
+        at::parallel_for(n * tiles_.nt, (n + 1) * tiles_.nt, grain_, [&](int64_t b, int64_t e) {
           at::Tensor& mine = copies[at::get_thread_num()];
           mine = at::zeros({image}, opts);
           T* p = mine.mutable_data_ptr<T>();
@@ -358,6 +366,7 @@ class GemmConv {
   const Conv2dGeometry g_;
   const int64_t D_, P_;
   const Tiling tiles_;
+  const int64_t grain_;  // tiles per task
 };
 
 }  // namespace
