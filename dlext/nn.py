@@ -20,7 +20,8 @@ class ReLU(torch.nn.ReLU):
 
 class Conv2d(torch.nn.Conv2d):
     """torch.nn.Conv2d on dlext's conv2d. Only the convolution is replaced: padding_mode
-    'reflect' / 'replicate' / 'circular' pads with torch.nn.functional.pad first, as the twin does."""
+    'reflect' / 'replicate' / 'circular' pads with torch.nn.functional.pad first, as the twin
+    does."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:

@@ -30,9 +30,28 @@ def _relu_inputs(device):
     return ((x + 0.1 * x.sign()).requires_grad_(),)  # away from the kink at 0
 
 
+def _conv2d_inputs(x_shape, w_shape):
+    def make(device):
+        return tuple(torch.randn(shape, dtype=torch.float64, device=device).requires_grad_()
+                     for shape in (x_shape, w_shape, w_shape[:1]))
+    return make
+
+
+_CONV2D_GROUPED = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+_CONV2D_DEPTHWISE = dict(stride=2, padding=1, groups=4)
+
 CHECKS = [
     Check("relu", _relu_inputs, DF.relu, F.relu),
     Check("relu (inplace)", _relu_inputs, lambda x: DF.relu(x.clone(), inplace=True), F.relu),
+    Check("conv2d", _conv2d_inputs((2, 3, 9, 7), (5, 3, 3, 3)),
+          lambda *t: DF.conv2d(*t, padding=1), lambda *t: F.conv2d(*t, padding=1)),
+    Check("conv2d (grouped)", _conv2d_inputs((2, 4, 7, 9), (6, 2, 3, 2)),
+          lambda *t: DF.conv2d(*t, **_CONV2D_GROUPED), lambda *t: F.conv2d(*t, **_CONV2D_GROUPED)),
+    Check("conv2d (same)", _conv2d_inputs((1, 3, 7, 6), (4, 3, 4, 3)),
+          lambda *t: DF.conv2d(*t, padding="same"), lambda *t: F.conv2d(*t, padding="same")),
+    Check("conv2d (depthwise)", _conv2d_inputs((2, 4, 7, 7), (8, 1, 3, 3)),
+          lambda *t: DF.conv2d(*t, **_CONV2D_DEPTHWISE),
+          lambda *t: F.conv2d(*t, **_CONV2D_DEPTHWISE)),
 ]
 
 

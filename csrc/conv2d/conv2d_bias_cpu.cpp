@@ -19,7 +19,8 @@ namespace dlext {
 namespace conv2d_cpu {
 namespace {
 
-constexpr int64_t kColumnBlock = 64;  // NHWC: channels summed together by one thread
+constexpr int64_t kColumnBlock = 64;          // NHWC: channels summed together by one thread
+constexpr int64_t kMinTaskElements = 1 << 16;  // less than this is not worth a thread
 
 template <typename T>
 T plane_sum(const T* p, int64_t n) {
@@ -38,20 +39,21 @@ T plane_sum(const T* p, int64_t n) {
 template <typename T>
 void bias_backward_kernel(const Conv2dGeometry& g, const T* dy, T* db) {
   const int64_t P = g.Ho * g.Wo, K = g.K;
+  const int64_t rows = g.N * P;
   if (!g.channels_last) {
-    at::parallel_for(0, K, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, g.N * P)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t k = begin; k < end; ++k) {
-                         T sum(0);
-                         for (int64_t n = 0; n < g.N; ++n) sum += plane_sum(dy + (n * K + k) * P, P);
-                         db[k] = sum;
-                       }
-                     });
+    const int64_t grain = std::max<int64_t>(1, kMinTaskElements / (rows + 1));
+    at::parallel_for(0, K, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        T sum(0);
+        for (int64_t n = 0; n < g.N; ++n) sum += plane_sum(dy + (n * K + k) * P, P);
+        db[k] = sum;
+      }
+    });
     return;
   }
-  const int64_t rows = g.N * P;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, rows * kColumnBlock));
-  at::parallel_for(0, (K + kColumnBlock - 1) / kColumnBlock, grain, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (K + kColumnBlock - 1) / kColumnBlock;
+  const int64_t grain = std::max<int64_t>(1, kMinTaskElements / (rows * kColumnBlock + 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(kColumnBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t k0 = blk * kColumnBlock, width = std::min(kColumnBlock, K - k0);
@@ -69,7 +71,8 @@ void bias_backward_kernel(const Conv2dGeometry& g, const T* dy, T* db) {
 
 void bias_backward(const Conv2dGeometry& g, const at::Tensor& dy, at::Tensor& db) {
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "dlext::conv2d_backward", [&] {
-    bias_backward_kernel<scalar_t>(g, dy.const_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
+    bias_backward_kernel<scalar_t>(g, dy.const_data_ptr<scalar_t>(),
+                                   db.mutable_data_ptr<scalar_t>());
   });
 }
 

@@ -87,8 +87,9 @@ Tiling make_tiling(const Conv2dGeometry& g, bool direct, int64_t elem_size, int6
   Tiling t;
   t.N = g.N;
   t.P = g.Ho * g.Wo;
+  const int64_t patch_bytes = g.patch() * elem_size;
   const int64_t budget =
-      direct ? kDirectTilePixels : std::max(kMinTilePixels, kPatchTileBytes / (g.patch() * elem_size));
+      direct ? kDirectTilePixels : std::max(kMinTilePixels, kPatchTileBytes / patch_bytes);
   if (t.P <= budget && g.N >= threads) {
     t.tp = t.P;
     t.nb = std::max<int64_t>(1, std::min(budget / t.P, ceil_div(g.N, threads)));
@@ -131,7 +132,7 @@ template <typename T>
 struct Scratch {
   at::Tensor patch, dpatch, stage;
   static T* get(at::Tensor& t, int64_t n) {
-    if (!t.defined()) t = at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    if (!t.defined()) t = at::empty({n}, at::dtype(c10::CppTypeToScalarType<T>::value));
     return t.mutable_data_ptr<T>();
   }
 };
@@ -152,7 +153,9 @@ class GemmConv {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Scratch<T> s;
       for (int64_t i = begin; i < end; ++i) {
-        for (int64_t grp = 0; grp < g_.groups; ++grp) forward_tile(tiles_[i], grp, x, w, bias, y, s);
+        for (int64_t grp = 0; grp < g_.groups; ++grp) {
+          forward_tile(tiles_[i], grp, x, w, bias, y, s);
+        }
       }
     });
   }
