@@ -26,24 +26,33 @@ ops = torch.ops.dlext
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
 # Each case: input shape, weight shape and F.conv2d's keyword arguments. Sizes are odd and small;
-# some are picked to drive particular code paths (named in the comments).
+# some are picked to drive particular code paths (named in the comments). NCHW problems whose
+# output rows are shorter than 16 are computed in NHWC, so several cases are wide enough (>= 16
+# output columns) to keep the NCHW patch code covered too.
 CASES = {
     "3x3-pad1": dict(x=(2, 3, 13, 11), w=(5, 3, 3, 3), padding=1),
+    "3x3-pad1-wide": dict(x=(2, 3, 7, 29), w=(5, 3, 3, 3), padding=1),
     "1x1": dict(x=(3, 8, 7, 9), w=(6, 8, 1, 1)),  # the input is its own patch matrix
     "1x1-stride2-nobias": dict(x=(2, 8, 7, 9), w=(6, 8, 1, 1), stride=2, bias=False),
-    "5x5-valid-cin1": dict(x=(3, 1, 16, 15), w=(6, 1, 5, 5), padding="valid"),  # direct loops
-    "7x7-s2-p3": dict(x=(2, 3, 23, 21), w=(8, 3, 7, 7), stride=2, padding=3),
-    "3x5-s21-p02-d12": dict(x=(2, 4, 13, 17), w=(6, 4, 3, 5), stride=(2, 1), padding=(0, 2),
+    "5x5-valid-cin1": dict(x=(3, 1, 16, 15), w=(6, 1, 5, 5), padding="valid"),
+    "7x7-s2-p3": dict(x=(2, 3, 23, 41), w=(8, 3, 7, 7), stride=2, padding=3),
+    "3x5-s21-p02-d12": dict(x=(2, 4, 13, 37), w=(6, 4, 3, 5), stride=(2, 1), padding=(0, 2),
                             dilation=(1, 2)),
-    "same-even-4x2-d13": dict(x=(2, 4, 9, 11), w=(5, 4, 4, 2), padding="same", dilation=(1, 3)),
+    "3x5-s13-p21-d21": dict(x=(2, 4, 11, 61), w=(6, 4, 3, 5), stride=(1, 3), padding=(2, 1),
+                            dilation=(2, 1)),
+    "same-even-4x2-d13": dict(x=(2, 4, 9, 23), w=(5, 4, 4, 2), padding="same", dilation=(1, 3)),
+    "same-even-2x4": dict(x=(2, 3, 7, 9), w=(4, 3, 2, 4), padding="same"),
     "same-5x5-d2-nobias": dict(x=(1, 3, 13, 12), w=(4, 3, 5, 5), padding="same", dilation=2,
                                bias=False),
     "groups2": dict(x=(2, 6, 9, 11), w=(4, 3, 3, 3), padding=1, groups=2),
-    "groups3-s2": dict(x=(3, 9, 11, 10), w=(6, 3, 3, 3), stride=2, groups=3),
-    "depthwise": dict(x=(2, 7, 11, 13), w=(7, 1, 3, 3), padding=1, groups=7),
+    "groups3-s2": dict(x=(3, 9, 11, 40), w=(6, 3, 3, 3), stride=2, groups=3),
+    "groups3-short-rows": dict(x=(3, 9, 11, 10), w=(6, 3, 3, 3), stride=2, groups=3),
+    "depthwise": dict(x=(2, 7, 11, 13), w=(7, 1, 3, 3), padding=1, groups=7),  # direct loops
     "depthwise-x2-s2-d2": dict(x=(2, 5, 13, 12), w=(10, 1, 3, 3), stride=2, padding=2,
                                dilation=2, groups=5),
-    "cin1-3x2-s3": dict(x=(2, 1, 19, 17), w=(4, 1, 3, 2), stride=3, padding=(2, 1)),
+    "cin1-3x2-s3": dict(x=(2, 1, 19, 53), w=(4, 1, 3, 2), stride=3, padding=(2, 1)),
+    "cin1-cout2-d2": dict(x=(3, 1, 11, 9), w=(2, 1, 3, 3), stride=(1, 2), padding=(1, 0),
+                          dilation=(2, 1)),  # direct loops
     "kernel-fills-input": dict(x=(3, 4, 5, 6), w=(7, 4, 5, 6)),
     "padding-beyond-kernel": dict(x=(2, 3, 5, 4), w=(4, 3, 2, 3), padding=(4, 3)),
     "many-small-images": dict(x=(13, 4, 5, 5), w=(6, 4, 3, 3), padding=1),  # images share a tile
@@ -56,8 +65,8 @@ CASES = {
 CONV_KEYS = ("stride", "padding", "dilation", "groups")
 LAYOUTS = [("contiguous", "contiguous"), ("channels_last", "contiguous"),
            ("strided", "contiguous"), ("contiguous", "channels_last")]
-LOW_PRECISION_CASES = ["3x3-pad1", "1x1", "5x5-valid-cin1", "groups2", "depthwise",
-                       "same-even-4x2-d13", "many-small-images"]
+LOW_PRECISION_CASES = ["3x3-pad1", "3x3-pad1-wide", "1x1", "5x5-valid-cin1", "groups2",
+                       "depthwise", "same-even-4x2-d13", "many-small-images"]
 
 
 def conv_kwargs(case):
@@ -195,24 +204,27 @@ def test_non_contiguous_weight_and_bias(device):
 
 # Small enough for full (not fast-mode) gradcheck and gradgradcheck; every code path once.
 GRADCHECK_CASES = {
-    "3x2-s21-p(1,0,2,1)-d12-g2": dict(x=(2, 4, 5, 6), w=(4, 2, 3, 2), stride=(2, 1),
+    "3x2-s21-p(1,0,2,1)-d12-g2": dict(x=(2, 4, 5, 4), w=(4, 2, 3, 2), stride=(2, 1),
                                       padding=(1, 2), dilation=(1, 2), groups=2),
     "same-even-2x3": dict(x=(1, 3, 5, 4), w=(2, 3, 2, 3), padding="same", dilation=(2, 1)),
+    "wide-rows-d12": dict(x=(1, 2, 3, 18), w=(2, 2, 2, 3), padding=1, dilation=(1, 2)),
     "1x1": dict(x=(2, 3, 3, 4), w=(2, 3, 1, 1)),
     "depthwise-x2-s2": dict(x=(2, 2, 5, 5), w=(4, 1, 3, 3), stride=2, padding=1, groups=2),
     "unbatched-nobias": dict(x=(2, 5, 4), w=(3, 2, 2, 2), padding=1, bias=False),
 }
 
 
+GRADCHECK_RUNS = ([(name, "contiguous") for name in GRADCHECK_CASES]
+                  + [("3x2-s21-p(1,0,2,1)-d12-g2", "channels_last"), ("1x1", "channels_last")])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", list(GRADCHECK_CASES))
-def test_gradcheck_and_gradgradcheck(device, seed, layout, name):
+@pytest.mark.parametrize("name,layout", GRADCHECK_RUNS,
+                         ids=[f"{n}-{lay}" for n, lay in GRADCHECK_RUNS])
+def test_gradcheck_and_gradgradcheck(device, seed, name, layout):
     torch.manual_seed(seed)
     case = GRADCHECK_CASES[name]
-    if layout == "channels_last" and len(case["x"]) == 3:
-        pytest.skip("channels_last needs a 4-D input")
     x, w, b = make_inputs(case, torch.float64, device, layout)
     inputs = tuple(t.requires_grad_() for t in (x, w, b) if t is not None)
     kw = conv_kwargs(case)
@@ -225,9 +237,9 @@ def test_gradcheck_and_gradgradcheck(device, seed, layout, name):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_raw_ops_are_differentiable(device):
-    x = torch.randn(2, 4, 6, 7, dtype=torch.float64, device=device, requires_grad=True)
-    w = torch.randn(6, 2, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(2, 4, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, 2, 3, 2, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
     args = ([2, 1], [1, 0, 2, 1], [1, 2], 2)
     assert torch.autograd.gradgradcheck(lambda *t: ops.conv2d(*t, *args), (x, w, b))
     g = torch.randn_like(ops.conv2d(x, w, b, *args)).requires_grad_()
@@ -568,7 +580,7 @@ def test_runs_on_dlext_kernels_only(device):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(0, 3), groups=st.integers(1, 3), cg=st.integers(1, 3), kg=st.integers(1, 3),
-       h=st.integers(1, 12), w=st.integers(1, 12), r=st.integers(1, 5), s=st.integers(1, 5),
+       h=st.integers(1, 12), w=st.integers(1, 40), r=st.integers(1, 5), s=st.integers(1, 5),
        stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        padding=st.one_of(st.tuples(st.integers(0, 3), st.integers(0, 3)),

@@ -1,11 +1,14 @@
 // conv2d on the CPU: the dlext::conv2d and dlext::conv2d_backward kernels. Each checks its
-// arguments (conv2d_common.h), lays the operands out for its algorithm and runs it:
-//   one input channel per group (depthwise, 1-channel images): direct loops on NCHW planes
-//       (conv2d_direct_cpu.cpp; channels_last operands are converted in and out);
-//   anything else: patch tiles times weights with a GEMM, natively in NCHW or in NHWC
-//       (conv2d_gemm_cpu.cpp), in the layout of the output.
-// float and double compute in their own type; half and bfloat16 are converted to float once on
-// the way in and rounded once on the way out, so every sum accumulates in float.
+// arguments (conv2d_common.h), picks an algorithm and a layout to compute in (choose), lays the
+// operands out for it and runs it:
+//   one input channel and at most 3 output channels per group (depthwise convolutions and small
+//       channel multipliers, where a GEMM's dimensions would be tiny): direct loops on NCHW
+//       planes (conv2d_direct_cpu.cpp);
+//   anything else: patch tiles times weights with a GEMM (conv2d_gemm_cpu.cpp), in NCHW or NHWC.
+// Operands in another layout than the one computed in are converted once in and once out, which
+// is cheap next to a patch matrix that holds every input pixel R*S times. float and double
+// compute in their own type; half and bfloat16 are converted to float on the way in and rounded
+// once on the way out, so every sum accumulates in float.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -45,6 +48,23 @@ void copy_back(at::Tensor& result, const at::Tensor& work) {
   if (result.defined() && !work.is_same(result)) result.copy_(work);
 }
 
+// Output rows shorter than this make NCHW patch rows too short to copy efficiently; NHWC patch
+// rows copy runs of S*C elements instead (LeNet's 10-pixel rows: about twice as fast).
+constexpr int64_t kShortRow = 16;
+
+struct Algorithm {
+  bool direct;
+  at::MemoryFormat format;  // the layout computed in
+};
+
+Algorithm choose(const Conv2dGeometry& g) {
+  if (g.Cg == 1 && g.Kg < 4) return {true, at::MemoryFormat::Contiguous};
+  const bool pointwise = g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 &&
+                         g.pad_t + g.pad_b + g.pad_l + g.pad_r == 0;
+  const bool nhwc = g.channels_last || (!pointwise && g.Wo < kShortRow);
+  return {false, nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous};
+}
+
 at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -54,8 +74,9 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
   if (out.numel() == 0) return out;
 
   const at::ScalarType dtype = compute_type(input.scalar_type());
-  const bool direct = g.Cg == 1;
-  const auto format = direct ? at::MemoryFormat::Contiguous : g.memory_format();
+  const auto [direct, format] = choose(g);
+  Conv2dGeometry gc = g;
+  gc.channels_last = format == at::MemoryFormat::ChannelsLast;  // the layout computed in
   const at::Tensor x = dense_as(input, dtype, format);
   const at::Tensor w = dense_as(weight, dtype, format);
   const at::Tensor b = bias.has_value() && bias->defined()
@@ -63,9 +84,9 @@ at::Tensor conv2d_forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                            : at::Tensor();
   at::Tensor y = workspace_for(out, dtype, format);
   if (direct) {
-    conv2d_cpu::direct_forward(g, x, w, b, y);
+    conv2d_cpu::direct_forward(gc, x, w, b, y);
   } else {
-    conv2d_cpu::gemm_forward(g, x, w, b, y);
+    conv2d_cpu::gemm_forward(gc, x, w, b, y);
   }
   copy_back(out, y);
   return out;
@@ -92,8 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   }
 
   const at::ScalarType dtype = compute_type(input.scalar_type());
-  const bool direct = g.Cg == 1;
-  const auto format = direct ? at::MemoryFormat::Contiguous : g.memory_format();
+  const auto [direct, format] = choose(g);
   g.channels_last = format == at::MemoryFormat::ChannelsLast;  // the layout computed in
   const at::Tensor dy = dense_as(grad_output, dtype, format);
 
@@ -107,7 +127,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_backward_cpu(
   const at::Tensor x = grad_weight.defined() ? dense_as(input, dtype, format) : at::Tensor();
   const at::Tensor w = grad_input.defined() ? dense_as(weight, dtype, format) : at::Tensor();
   at::Tensor dx = workspace_for(grad_input, dtype, format);
-  // (With one input channel per group a weight's NCHW and NHWC layouts are the same memory.)
   at::Tensor dw = workspace_for(grad_weight, dtype, format);
   if (direct) {
     if (dx.defined()) conv2d_cpu::direct_backward_input(g, dy, w, dx);

@@ -146,7 +146,8 @@ class GemmConv {
         D_(g_.patch()),
         P_(g_.Ho * g_.Wo),
         tiles_(make_tiling(g_, pointwise_, sizeof(T), useful_threads(g_))),
-        grain_(ceil_div(kMinTaskMacs, g_.K * D_ * tiles_.max_pixels())) {}
+        grain_(ceil_div(kMinTaskMacs, g_.K * D_ * tiles_.max_pixels())),
+        spans_(g_.channels_last ? tap_spans(g_) : std::vector<Span>()) {}
 
   void forward(const T* x, const T* w, const T* bias, T* y) const {
     at::parallel_for(0, tiles_.count, grain_, [&](int64_t begin, int64_t end) {
@@ -244,7 +245,7 @@ class GemmConv {
       if (pointwise_) return {x + (t.n0 * P_ + t.p0) * g_.C + grp * g_.Cg, g_.C};
       T* rows = Scratch<T>::get(s.patch, D_ * tiles_.max_pixels());
       for (int64_t i = 0; i < t.nb; ++i) {
-        im2row_tile(x + (t.n0 + i) * g_.H * g_.W * g_.C + grp * g_.Cg, g_, t.p0, t.tp,
+        im2row_tile(x + (t.n0 + i) * g_.H * g_.W * g_.C + grp * g_.Cg, g_, spans_, t.p0, t.tp,
                     rows + i * t.tp * D_);
       }
       return {rows, D_};
@@ -322,7 +323,8 @@ class GemmConv {
           T* drows = Scratch<T>::get(s.dpatch, D_ * tiles_.max_pixels());
           gemm(false, false, pix, D_, Kg, dyt, g_.K, wg, D_, false, drows, D_);
           for (int64_t i = 0; i < t.nb; ++i) {
-            row2im_tile(drows + i * t.tp * D_, g_, t.p0, t.tp, dx_of(t.n0 + i) + grp * Cg);
+            row2im_tile(drows + i * t.tp * D_, g_, spans_, t.p0, t.tp,
+                        dx_of(t.n0 + i) + grp * Cg);
           }
         }
       }
@@ -369,7 +371,8 @@ class GemmConv {
   const Conv2dGeometry g_;
   const int64_t D_, P_;
   const Tiling tiles_;
-  const int64_t grain_;  // tiles per task
+  const int64_t grain_;             // tiles per task
+  const std::vector<Span> spans_;  // NHWC: tap_spans(g_)
 };
 
 }  // namespace

@@ -12,15 +12,15 @@
 namespace dlext {
 namespace conv2d_cpu {
 
-// Any grouping with Cg > 1: patch tiles (im2col / im2row) times the weight, with a BLAS GEMM.
+// Any convolution: patch tiles (im2col / im2row) times the weight, with a BLAS GEMM.
 // bias may be undefined. dx and dw may be undefined (not wanted); dx comes back fully written.
 void gemm_forward(const Conv2dGeometry& g, const at::Tensor& x, const at::Tensor& w,
                   const at::Tensor& bias, at::Tensor& y);
 void gemm_backward(const Conv2dGeometry& g, const at::Tensor& dy, const at::Tensor& x,
                    const at::Tensor& w, at::Tensor& dx, at::Tensor& dw);
 
-// One input channel per group (depthwise, channel multipliers, and any conv of a 1-channel input):
-// direct loops, NCHW only (the caller converts channels_last operands).
+// One input channel per group (depthwise convolutions, channel multipliers): direct loops, NCHW
+// only. Correct for any Kg; conv2d_cpu.cpp sends only Kg <= 3 here.
 void direct_forward(const Conv2dGeometry& g, const at::Tensor& x, const at::Tensor& w,
                     const at::Tensor& bias, at::Tensor& y);
 void direct_backward_input(const Conv2dGeometry& g, const at::Tensor& dy, const at::Tensor& w,

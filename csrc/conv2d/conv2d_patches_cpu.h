@@ -14,7 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
+#include <vector>
 
 #include "conv2d/conv2d_common.h"
 
@@ -32,19 +32,41 @@ inline Span valid_span(int64_t base, int64_t step, int64_t length, int64_t n) {
   return {std::min(lo, n), std::max(std::min(lo, n), std::min(hi, n))};
 }
 
-// dst[j] = src[j * step], j in [0, n).
+// dst[j] = src[j * step], j in [0, n). Runs are often only a few vectors long (a 10-pixel output
+// row, 6 channels), so no library call: whole vectors, then one more vector ending exactly at the
+// end (it rewrites a few elements with the same values) instead of a scalar tail.
 template <typename T>
-inline void gather_run(T* dst, const T* src, int64_t step, int64_t n) {
-  if (step == 1) {
-    std::memcpy(dst, src, n * sizeof(T));
-  } else {
+inline void gather_run(T* __restrict dst, const T* __restrict src, int64_t step, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  if (step != 1) {
     for (int64_t j = 0; j < n; ++j) dst[j] = src[j * step];
+  } else if (n >= V) {
+    int64_t j = 0;
+    for (; j + V <= n; j += V) Vec::loadu(src + j).store(dst + j);
+    if (j < n) Vec::loadu(src + n - V).store(dst + n - V);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+  }
+}
+
+template <typename T>
+inline void zero_run(T* dst, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  if (n >= V) {
+    const Vec zero(T(0));
+    int64_t j = 0;
+    for (; j + V <= n; j += V) zero.store(dst + j);
+    if (j < n) zero.store(dst + n - V);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = T(0);
   }
 }
 
 // dst[j * step] += src[j], j in [0, n).
 template <typename T>
-inline void scatter_add_run(T* dst, int64_t step, const T* src, int64_t n) {
+inline void scatter_add_run(T* __restrict dst, int64_t step, const T* __restrict src, int64_t n) {
   if (step == 1) {
     using Vec = at::vec::Vectorized<T>;
     int64_t j = 0;
@@ -71,6 +93,33 @@ inline void for_each_row_segment(const Conv2dGeometry& g, int64_t p0, int64_t tp
   }
 }
 
+// For each output column ow, the taps s whose input column ow*sw - pl + s*dw is in the image.
+// Computed once per tile: the divisions stay out of the per-pixel loops.
+inline std::vector<Span> tap_spans(const Conv2dGeometry& g) {
+  std::vector<Span> spans(g.Wo);
+  for (int64_t ow = 0; ow < g.Wo; ++ow) {
+    spans[ow] = valid_span(ow * g.stride_w - g.pad_l, g.dil_w, g.W, g.S);
+  }
+  return spans;
+}
+
+// Calls fn(offset_in_tile, n, in_image, src, span) for each output row segment of the tile, for
+// one NCHW patch row (r, s): when the segment's input row is in the image, its outputs j in
+// [span.lo, span.hi) read input element src + j * sw, the others are padding. The span of a whole
+// output row is computed once.
+template <typename Fn>
+inline void for_each_patch_run(const Conv2dGeometry& g, int64_t p0, int64_t tp, int64_t r,
+                               int64_t s, const Fn& fn) {
+  const int64_t base = s * g.dil_w - g.pad_l;  // input column of output column 0
+  const Span whole = valid_span(base, g.stride_w, g.W, g.Wo);
+  for_each_row_segment(g, p0, tp, [&](int64_t oh, int64_t ow, int64_t n, int64_t at) {
+    const int64_t ih = oh * g.stride_h - g.pad_t + r * g.dil_h;
+    const int64_t iw0 = base + ow * g.stride_w;
+    const Span v = ow == 0 && n == g.Wo ? whole : valid_span(iw0, g.stride_w, g.W, n);
+    fn(at, n, ih >= 0 && ih < g.H, ih * g.W + iw0, v);
+  });
+}
+
 // NCHW. x: one group of one image, (Cg, H, W) contiguous. col: (Cg*R*S, tp) row-major with
 // leading dimension ld, row (c, r, s) holding input pixel (oh*sh - pt + r*dh, ow*sw - pl + s*dw)
 // of channel c for each output pixel p0 <= p < p0 + tp, 0 where that falls in the padding.
@@ -82,19 +131,16 @@ void im2col_tile(const T* x, const Conv2dGeometry& g, int64_t p0, int64_t tp, T*
     for (int64_t r = 0; r < g.R; ++r) {
       for (int64_t s = 0; s < g.S; ++s) {
         T* row = col + ((c * g.R + r) * g.S + s) * ld;
-        for_each_row_segment(g, p0, tp, [&](int64_t oh, int64_t ow, int64_t n, int64_t at) {
+        for_each_patch_run(g, p0, tp, r, s, [&](int64_t at, int64_t n, bool in_image,
+                                                int64_t src, Span v) {
           T* dst = row + at;
-          const int64_t ih = oh * g.stride_h - g.pad_t + r * g.dil_h;
-          if (ih < 0 || ih >= g.H) {
-            std::fill(dst, dst + n, T(0));
+          if (!in_image) {
+            zero_run(dst, n);
             return;
           }
-          const int64_t iw0 = ow * g.stride_w - g.pad_l + s * g.dil_w;
-          const Span v = valid_span(iw0, g.stride_w, g.W, n);
-          std::fill(dst, dst + v.lo, T(0));
-          gather_run(dst + v.lo, xc + (ih * g.W + iw0 + v.lo * g.stride_w), g.stride_w,
-                     v.hi - v.lo);
-          std::fill(dst + v.hi, dst + n, T(0));
+          zero_run(dst, v.lo);
+          gather_run(dst + v.lo, xc + (src + v.lo * g.stride_w), g.stride_w, v.hi - v.lo);
+          zero_run(dst + v.hi, n - v.hi);
         });
       }
     }
@@ -111,43 +157,48 @@ void col2im_tile(const T* dcol, int64_t ld, const Conv2dGeometry& g, int64_t p0,
     for (int64_t r = 0; r < g.R; ++r) {
       for (int64_t s = 0; s < g.S; ++s) {
         const T* row = dcol + ((c * g.R + r) * g.S + s) * ld;
-        for_each_row_segment(g, p0, tp, [&](int64_t oh, int64_t ow, int64_t n, int64_t at) {
-          const int64_t ih = oh * g.stride_h - g.pad_t + r * g.dil_h;
-          if (ih < 0 || ih >= g.H) return;
-          const int64_t iw0 = ow * g.stride_w - g.pad_l + s * g.dil_w;
-          const Span v = valid_span(iw0, g.stride_w, g.W, n);
-          scatter_add_run(dxc + (ih * g.W + iw0 + v.lo * g.stride_w), g.stride_w,
-                          row + at + v.lo, v.hi - v.lo);
+        for_each_patch_run(g, p0, tp, r, s, [&](int64_t at, int64_t, bool in_image, int64_t src,
+                                                Span v) {
+          if (!in_image) return;
+          scatter_add_run(dxc + (src + v.lo * g.stride_w), g.stride_w, row + at + v.lo,
+                          v.hi - v.lo);
         });
       }
     }
   }
 }
 
-// NHWC. x: one image (H, W, C) contiguous, already offset to the group's first channel. row:
+// NHWC. x: one image (H, W, C) contiguous, already offset to the group's first channel. rows:
 // (tp, R*S*Cg) row-major, pixel p's receptive field in (r, s, c) order, so each (r, s) is one
-// contiguous run of Cg channels.
+// contiguous run of Cg channels; without groups and dilation along W, the taps of a kernel row
+// are even one run of S*C (a 7x7 kernel on 3 channels: 7 copies of 21, not 49 of 3). spans:
+// tap_spans(g).
 template <typename T>
-void im2row_tile(const T* x, const Conv2dGeometry& g, int64_t p0, int64_t tp, T* rows) {
-  const int64_t D = g.patch(), run = g.Cg;
+void im2row_tile(const T* x, const Conv2dGeometry& g, const std::vector<Span>& spans, int64_t p0,
+                 int64_t tp, T* rows) {
+  const int64_t D = g.patch(), run = g.Cg, SC = g.S * run;
+  const bool joined = g.dil_w == 1 && g.Cg == g.C;  // a kernel row's taps are one run
   for_each_row_segment(g, p0, tp, [&](int64_t oh, int64_t ow0, int64_t n, int64_t at) {
     for (int64_t j = 0; j < n; ++j) {
       T* dst = rows + (at + j) * D;
-      const int64_t ow = ow0 + j;
+      const int64_t ow = ow0 + j, iw0 = ow * g.stride_w - g.pad_l;
+      const Span v = spans[ow];
       for (int64_t r = 0; r < g.R; ++r) {
-        T* dr = dst + r * g.S * run;
+        T* dr = dst + r * SC;
         const int64_t ih = oh * g.stride_h - g.pad_t + r * g.dil_h;
         if (ih < 0 || ih >= g.H) {
-          std::fill(dr, dr + g.S * run, T(0));
+          zero_run(dr, SC);
           continue;
         }
-        const int64_t iw0 = ow * g.stride_w - g.pad_l;
-        const Span v = valid_span(iw0, g.dil_w, g.W, g.S);
-        std::fill(dr, dr + v.lo * run, T(0));
-        for (int64_t s = v.lo; s < v.hi; ++s) {
-          std::memcpy(dr + s * run, x + (ih * g.W + iw0 + s * g.dil_w) * g.C, run * sizeof(T));
+        zero_run(dr, v.lo * run);
+        if (joined) {
+          gather_run(dr + v.lo * run, x + (ih * g.W + iw0 + v.lo) * g.C, 1, (v.hi - v.lo) * run);
+        } else {
+          for (int64_t s = v.lo; s < v.hi; ++s) {
+            gather_run(dr + s * run, x + (ih * g.W + iw0 + s * g.dil_w) * g.C, 1, run);
+          }
         }
-        std::fill(dr + v.hi * run, dr + g.S * run, T(0));
+        zero_run(dr + v.hi * run, (g.S - v.hi) * run);
       }
     }
   });
@@ -155,17 +206,23 @@ void im2row_tile(const T* x, const Conv2dGeometry& g, int64_t p0, int64_t tp, T*
 
 // The adjoint of im2row_tile: dx (H, W, C), offset to the group's first channel, += drows.
 template <typename T>
-void row2im_tile(const T* drows, const Conv2dGeometry& g, int64_t p0, int64_t tp, T* dx) {
+void row2im_tile(const T* drows, const Conv2dGeometry& g, const std::vector<Span>& spans,
+                 int64_t p0, int64_t tp, T* dx) {
   const int64_t D = g.patch(), run = g.Cg;
+  const bool joined = g.dil_w == 1 && g.Cg == g.C;  // as in im2row_tile
   for_each_row_segment(g, p0, tp, [&](int64_t oh, int64_t ow0, int64_t n, int64_t at) {
     for (int64_t j = 0; j < n; ++j) {
       const T* src = drows + (at + j) * D;
-      const int64_t ow = ow0 + j;
+      const int64_t ow = ow0 + j, iw0 = ow * g.stride_w - g.pad_l;
+      const Span v = spans[ow];
       for (int64_t r = 0; r < g.R; ++r) {
         const int64_t ih = oh * g.stride_h - g.pad_t + r * g.dil_h;
         if (ih < 0 || ih >= g.H) continue;
-        const int64_t iw0 = ow * g.stride_w - g.pad_l;
-        const Span v = valid_span(iw0, g.dil_w, g.W, g.S);
+        if (joined) {
+          scatter_add_run(dx + (ih * g.W + iw0 + v.lo) * g.C, 1, src + (r * g.S + v.lo) * run,
+                          (v.hi - v.lo) * run);
+          continue;
+        }
         for (int64_t s = v.lo; s < v.hi; ++s) {
           scatter_add_run(dx + (ih * g.W + iw0 + s * g.dil_w) * g.C, 1, src + (r * g.S + s) * run,
                           run);
