@@ -96,10 +96,12 @@ Tiling make_tiling(const Conv2dGeometry& g, bool direct, int64_t elem_size, int6
     t.count = ceil_div(g.N, t.nb);
     return t;
   }
-  // Large images, or too few of them to go round: several tiles per image.
-  int64_t nt = ceil_div(t.P, budget);
-  if (g.N < threads) nt = std::max(nt, ceil_div(threads, g.N));
-  nt = std::max<int64_t>(1, std::min(nt, ceil_div(t.P, kMinTilePixels)));
+  // Large images, or too few of them to go round: several tiles per image, as many in all as a
+  // multiple of the thread count where the tiles stay wide enough (7 tiles on 2 threads would
+  // leave one thread idle for a seventh of the time).
+  const int64_t most = std::max<int64_t>(1, ceil_div(t.P, kMinTilePixels));
+  int64_t nt = std::min(most, ceil_div(t.P, budget));
+  while ((g.N * nt) % threads != 0 && nt < most) ++nt;
   t.tp = ceil_div(t.P, nt);
   t.nt = ceil_div(t.P, t.tp);
   t.count = g.N * t.nt;
