@@ -55,6 +55,15 @@ TORCH_LIBRARY(dlext, m) {
   m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, "
         "Tensor save_mean, Tensor save_invstd, bool training, bool[3] output_mask) -> "
         "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
+  // conv2d. padding is [top, bottom, left, right], so padding='same' with an even kernel needs
+  // no padded copy. conv2d_backward returns None for each gradient output_mask does not ask for
+  // (grad_input, grad_weight, grad_bias).
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+        "int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, "
+        "int[4] padding, int[2] dilation, int groups, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dlext, Autograd, m) {

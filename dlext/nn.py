@@ -6,10 +6,11 @@ twin; only forward differs.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dlext import functional as DF
 
-__all__ = ["ReLU", "MaxPool2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["ReLU", "MaxPool2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d"]
 
 
 class ReLU(torch.nn.ReLU):
@@ -59,3 +60,15 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
 
 class BatchNorm3d(torch.nn.BatchNorm3d):
     forward = _batch_norm_forward
+
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d on dlext's conv2d. Only the convolution is replaced: padding_mode
+    'reflect' / 'replicate' / 'circular' pads with torch.nn.functional.pad first, as the twin
+    does."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return DF.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return DF.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)

@@ -67,6 +67,29 @@ CHECKS += [
 ]
 
 
+def _conv2d_inputs(x_shape, w_shape):
+    def make(device):
+        return tuple(torch.randn(shape, dtype=torch.float64, device=device).requires_grad_()
+                     for shape in (x_shape, w_shape, w_shape[:1]))
+    return make
+
+
+_CONV2D_GROUPED = dict(stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2)
+_CONV2D_DEPTHWISE = dict(stride=2, padding=1, groups=4)
+
+CHECKS += [
+    Check("conv2d", _conv2d_inputs((2, 3, 9, 7), (5, 3, 3, 3)),
+          lambda *t: DF.conv2d(*t, padding=1), lambda *t: F.conv2d(*t, padding=1)),
+    Check("conv2d (grouped)", _conv2d_inputs((2, 4, 7, 9), (6, 2, 3, 2)),
+          lambda *t: DF.conv2d(*t, **_CONV2D_GROUPED), lambda *t: F.conv2d(*t, **_CONV2D_GROUPED)),
+    Check("conv2d (same)", _conv2d_inputs((1, 3, 7, 6), (4, 3, 4, 3)),
+          lambda *t: DF.conv2d(*t, padding="same"), lambda *t: F.conv2d(*t, padding="same")),
+    Check("conv2d (depthwise)", _conv2d_inputs((2, 4, 7, 7), (8, 1, 3, 3)),
+          lambda *t: DF.conv2d(*t, **_CONV2D_DEPTHWISE),
+          lambda *t: F.conv2d(*t, **_CONV2D_DEPTHWISE)),
+]
+
+
 def _max_diff(a, b) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
