@@ -13,5 +13,7 @@ _C = load_extension()
 from dlext import autograd  # noqa: E402,F401  (registers fake kernels and autograd)
 from dlext import functional, nn  # noqa: E402,F401
 from dlext.info import build_info, registered_ops  # noqa: E402,F401
+from dlext.swap import restore_layers, swap_layers  # noqa: E402,F401
+from dlext import models  # noqa: E402,F401
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Command line: python -m dlext info | bench | gradcheck."""
+"""Command line: python -m dlext info | train | gradcheck | bench."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, compiled backends, devices and registered ops")
     p = sub.add_parser("gradcheck", help="check every op against native torch and by gradcheck")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    from dlext.train import parser as train_parser
+    train_parser(sub.add_parser("train", help="train a model on real data (see dlext/train.py)"))
     p = sub.add_parser("bench", help="kernel benchmarks vs native (see benchmarks/)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for benchmarks.run")
     args = parser.parse_args(argv)
@@ -19,6 +21,9 @@ def main(argv=None) -> int:
         from dlext.info import report
         print(report())
         return 0
+    if args.command == "train":
+        from dlext.train import main as train_main
+        return train_main(args)
     if args.command == "gradcheck":
         from dlext.selfcheck import run
         return run(args.device)

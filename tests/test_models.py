@@ -1,0 +1,149 @@
+"""Models and layer swapping: dlext's LeNet-5 / ResNets and dlext.swap_layers against torch."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import dlext
+import dlext.nn as DN
+from dlext.models import lenet5, resnet18, resnet34, resnet50
+
+
+def max_abs_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def max_rel_diff(a, b) -> float:
+    """Largest difference of each tensor pair relative to that tensor's largest magnitude."""
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("factory,tv_factory", [(resnet18, torchvision.models.resnet18),
+                                                (resnet34, torchvision.models.resnet34),
+                                                (resnet50, torchvision.models.resnet50)])
+def test_resnets_load_torchvision_weights(factory, tv_factory):
+    torch.manual_seed(0)
+    tv = tv_factory().double().eval()
+    ours = factory().double().eval()
+    assert list(ours.state_dict()) == list(tv.state_dict())
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), tv(x), rtol=1e-10, atol=1e-10)
+    kinds = {type(m) for m in ours.modules()}
+    assert {DN.Conv2d, DN.BatchNorm2d, DN.ReLU, DN.MaxPool2d} <= kinds
+    assert nn.Conv2d not in kinds and nn.BatchNorm2d not in kinds
+
+
+@pytest.mark.parametrize("tv_factory", [torchvision.models.resnet18, torchvision.models.resnet50])
+def test_swapped_torchvision_resnet_equals_native_in_train_and_eval(tv_factory):
+    torch.manual_seed(0)
+    native = tv_factory().double()
+    ours = dlext.swap_layers(copy.deepcopy(native))
+    assert set(ours.dlext_swapped.values()) == {"Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"}
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    for training in (True, False):
+        native.train(training)
+        ours.train(training)
+        native.zero_grad()
+        ours.zero_grad()
+        a, b = native(x), ours(x)
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+        a.square().sum().backward()
+        b.square().sum().backward()
+        assert max_rel_diff([p.grad for p in ours.parameters()],
+                            [p.grad for p in native.parameters()]) < 1e-10
+        assert max_abs_diff(list(ours.buffers()), list(native.buffers())) < 1e-12
+
+
+class Nested(nn.Module):
+    """Sequential, ModuleDict and plain attributes, nested."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.parts = nn.ModuleDict({"pool": nn.MaxPool2d(2),
+                                    "inner": nn.Sequential(nn.Conv2d(4, 4, 1))})
+
+    def forward(self, x):
+        return self.parts["inner"](self.parts["pool"](self.stem(x)))
+
+
+def test_swap_keeps_identity_parameters_hooks_and_mode_and_restores():
+    torch.manual_seed(0)
+    model = Nested().eval()
+    conv = model.stem[0]
+    weight = conv.weight
+    before = weight.detach().clone()
+    calls = []
+    conv.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(1, 3, 9, 9)
+    ref = model(x)
+    assert dlext.swap_layers(model) is model
+    assert model.stem[0] is conv and type(conv) is DN.Conv2d and conv.weight is weight
+    assert type(model.parts["inner"][0]) is DN.Conv2d and type(model.parts["pool"]) is DN.MaxPool2d
+    assert not model.training and not model.stem[1].training
+    out = model(x)
+    torch.testing.assert_close(out, ref)
+    assert len(calls) == 2                      # the hook survived the swap
+    out.sum().backward()
+    opt.step()                                  # the optimizer still holds the same parameters
+    assert not torch.equal(conv.weight.detach(), before)
+    dlext.restore_layers(model)
+    assert type(conv) is nn.Conv2d and type(model.parts["pool"]) is nn.MaxPool2d
+    assert model.dlext_swapped == {}
+
+
+def test_swap_include_and_exclude():
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 1),
+                                                                         nn.ReLU()))
+    m = dlext.swap_layers(make(), include=[nn.Conv2d])
+    assert set(m.dlext_swapped.values()) == {"Conv2d"} and type(m[1]) is nn.ReLU
+    m = dlext.swap_layers(make(), exclude=["2.*"])
+    assert set(m.dlext_swapped) == {"0", "1"} and type(m[2][0]) is nn.Conv2d
+    m = dlext.swap_layers(make(), include=["ReLU"], exclude=["1"])
+    assert set(m.dlext_swapped) == {"2.1"}
+
+
+def test_swap_leaves_user_subclasses_alone():
+    class MyConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    m = dlext.swap_layers(nn.Sequential(MyConv(1, 1, 1)))
+    assert type(m[0]) is MyConv and m.dlext_swapped == {}
+
+
+def test_lenet5_shapes_and_native_twin():
+    torch.manual_seed(0)
+    ours = lenet5()
+    torch.manual_seed(0)
+    native = lenet5(native=True)
+    assert list(ours.state_dict()) == list(native.state_dict())
+    native.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 1, 32, 32)
+    assert ours(x).shape == (5, 10)
+    torch.testing.assert_close(ours(x), native(x), rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in ours.parameters()) == 61706     # the classic LeNet-5 count
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = resnet18(num_classes=7)
+    model.train()
+    model(torch.randn(2, 3, 32, 32))              # move the running statistics
+    path = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), path)
+    native = torchvision.models.resnet18(num_classes=7)
+    native.load_state_dict(torch.load(path))
+    again = resnet18(num_classes=7)
+    again.load_state_dict(torch.load(path))
+    native.eval()
+    again.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(again(x), native(x), rtol=1e-4, atol=1e-4)
