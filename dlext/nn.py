@@ -9,9 +9,15 @@ import torch
 
 from dlext import functional as DF
 
-__all__ = ["ReLU"]
+__all__ = ["ReLU", "CrossEntropyLoss"]
 
 
 class ReLU(torch.nn.ReLU):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return DF.relu(input, inplace=self.inplace)
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return DF.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                reduction=self.reduction, label_smoothing=self.label_smoothing)
