@@ -137,8 +137,9 @@ _register("dlext::relu_backward", _relu_backward_setup, ReLUBackwardFunction)
 
 
 # ------------------------------------------------------------------------------- cross_entropy
-# The operators see the input as (N, C, D) (dlext.functional reshapes it); the forward keeps only
-# the log-sum-exp of each row (as max and log-sum, (2, N, D)) for the backward. The backward's own derivative (double backward)
+# The operators take torch's shapes (input (C,), (N, C) or (N, C, d1, ..., dK)) and work on the
+# (N, C, D) view of the input; the forward keeps only the log-sum-exp of each row (as max and
+# log-sum, (2, N, D)) for the backward. The backward's own derivative (double backward)
 # recomputes the first derivatives from elementary differentiable ops and differentiates those.
 
 _INT32_MAX = 2**31 - 1
@@ -148,20 +149,34 @@ def _ce_acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _ce_view_shape(input: torch.Tensor):
+    """(N, C, D) of the kernels' view of input, and the loss's shape for reduction 'none'."""
+    if input.dim() == 1:
+        return 1, input.shape[0], 1, ()
+    n, c = input.shape[0], input.shape[1]
+    d = 1
+    for size in input.shape[2:]:
+        d *= size
+    return n, c, d, (n, *input.shape[2:])
+
+
 def _ce_grad_like(input: torch.Tensor) -> torch.Tensor:
     """The layout the kernels give grad_input and grad_target (csrc/cross_entropy/*_common.h).
 
-    The input's own strides when it is dense and a kernel walks it as it is (positions or
-    classes innermost), else class-contiguous rows; contiguous when empty.
+    On the (N, C, D) view: its own strides when it is dense and a kernel walks it as it is
+    (positions or classes innermost), else class-contiguous rows; contiguous when empty. Then
+    viewed back to the input's shape.
     """
-    n, c, d = input.shape
-    if input.numel() == 0:
-        return input.new_empty((n, c, d))
-    planes = d > 1 and input.stride(2) == 1 and c <= _INT32_MAX
-    rows = c <= 1 or input.stride(1) == 1
-    if (planes or rows) and _is_dense(input):
-        return torch.empty_like(input)
-    return input.new_empty((n, d, c)).transpose(1, 2)
+    n, c, d, _ = _ce_view_shape(input)
+    x = input.reshape(n, c, d)
+    if x.numel() == 0:
+        g = x.new_empty((n, c, d))
+    elif ((d > 1 and x.stride(2) == 1 and c <= _INT32_MAX) or c <= 1 or x.stride(1) == 1) \
+            and _is_dense(x):
+        g = torch.empty_like(x)
+    else:
+        g = x.new_empty((n, d, c)).transpose(1, 2)
+    return g.reshape(input.shape)
 
 
 def _ce_check_devices(op, input, **others):
@@ -175,23 +190,24 @@ def _ce_check_devices(op, input, **others):
 
 @register_fake("dlext::cross_entropy")
 def _cross_entropy_fake(input, target, weight, reduction, ignore_index, label_smoothing):
-    torch._check(input.dim() == 3, lambda: "dlext::cross_entropy: expected 'input' to be 3-D")
+    torch._check(input.dim() >= 1, lambda: "dlext::cross_entropy: expected 'input' with classes")
     _ce_check_devices("dlext::cross_entropy", input, target=target, weight=weight)
-    n, _, d = input.shape
+    n, _, d, loss_shape = _ce_view_shape(input)
     acc = _ce_acc_dtype(input.dtype)
-    loss = input.new_empty((n, d) if reduction == 0 else ())
+    loss = input.new_empty(loss_shape if reduction == 0 else ())
     return loss, input.new_empty((2, n, d), dtype=acc), input.new_empty((), dtype=acc)
 
 
 @register_fake("dlext::cross_entropy_backward")
 def _cross_entropy_backward_fake(grad_output, input, target, weight, lse, total_weight, reduction,
                                  ignore_index, label_smoothing, output_mask):
-    torch._check(input.dim() == 3, lambda: "dlext::cross_entropy_backward: expected 3-D 'input'")
+    torch._check(input.dim() >= 1,
+                 lambda: "dlext::cross_entropy_backward: expected 'input' with classes")
     _ce_check_devices("dlext::cross_entropy_backward", input, grad_output=grad_output,
                       target=target, weight=weight, lse=lse, total_weight=total_weight)
     return (_ce_grad_like(input) if output_mask[0] else None,
             _ce_grad_like(input) if output_mask[1] else None,
-            input.new_empty((input.shape[1],)) if output_mask[2] else None)
+            input.new_empty((_ce_view_shape(input)[1],)) if output_mask[2] else None)
 
 
 def _ce_first_derivatives(grad_output, input, target, weight, total_weight, reduction,
@@ -201,50 +217,50 @@ def _ce_first_derivatives(grad_output, input, target, weight, total_weight, redu
     Returns the gradients of the loss with respect to input, target and weight (None where the
     target holds class indices). No softmax/log_softmax/logsumexp: those are what dlext replaces.
     """
-    n, c, d = input.shape
+    n, c, d, _ = _ce_view_shape(input)
+    x = input.reshape(n, c, d)
     eps = label_smoothing if label_smoothing > 0 else 0.0
     a, b = 1.0 - eps, (eps / c if eps > 0 else 0.0)
-    m = input.detach().amax(1, keepdim=True)
-    e = (input - m).exp()
+    m = x.detach().amax(1, keepdim=True)
+    e = (x - m).exp()
     s = e.sum(1, keepdim=True)
     p = e / s
     lse = m + s.log()
     if reduction == 0:
         scale = grad_output.reshape(n, 1, d)
     elif reduction == 1:
-        scale = grad_output.reshape(()) / total_weight.to(input.dtype)
+        scale = grad_output.reshape(()) / total_weight.to(x.dtype)
     else:
         scale = grad_output.reshape(())
     w = weight.view(1, c, 1) if weight is not None else None
     if target.is_floating_point():
-        yp = target * a + b
+        yp = target.reshape(n, c, d) * a + b
         wy = yp * w if w is not None else yp
         g_input = scale * (p * wy.sum(1, keepdim=True) - wy)
-        g_target = scale * a * (w if w is not None else 1.0) * (lse - input)
-        g_weight = (scale * yp * (lse - input)).sum((0, 2)) if weight is not None else None
-        return g_input, g_target, g_weight
-    valid = target != ignore_index
-    t = torch.where(valid, target, 0).long()
-    onehot = torch.arange(c, device=input.device).view(1, c, 1) == t.unsqueeze(1)
+        g_target = scale * a * (w if w is not None else 1.0) * (lse - x)
+        g_weight = (scale * yp * (lse - x)).sum((0, 2)) if weight is not None else None
+        return g_input.reshape(input.shape), g_target.reshape(target.shape), g_weight
+    t = target.reshape(n, d)
+    valid = t != ignore_index
+    t = torch.where(valid, t, 0).long()
+    onehot = torch.arange(c, device=x.device).view(1, c, 1) == t.unsqueeze(1)
     if weight is not None:
         w_t = weight[t] * valid
         w_sum = weight.sum()
     else:
-        w_t = valid.to(input.dtype)
+        w_t = valid.to(x.dtype)
         w_sum = float(c)
     big_a = (a * w_t + b * w_sum * valid).unsqueeze(1)
     big_b = a * w_t.unsqueeze(1) * onehot + b * (w if w is not None else 1.0) * valid.unsqueeze(1)
-    return scale * (p * big_a - big_b), None, None
+    return (scale * (p * big_a - big_b)).reshape(input.shape), None, None
 
 
-def _ce_backward(ctx, grad_loss, x, t, shapes):
-    """Gradients of (input, target, weight) from cross_entropy_backward, in `shapes`."""
-    _, target, weight, lse, total_weight = ctx.saved_tensors
-    grads = _differentiable(CrossEntropyBackwardFunction, ops.cross_entropy_backward.default,
-                            grad_loss, x, t, weight, lse, total_weight, *ctx.ce_args,
-                            list(ctx.needs_input_grad[:3]))
-    return tuple(g.reshape(shape) if g is not None and shape is not None else g
-                 for g, shape in zip(grads, shapes))
+def _ce_backward(ctx, grad_loss):
+    """Gradients of (input, target, weight) from cross_entropy_backward."""
+    input, target, weight, lse, total_weight = ctx.saved_tensors
+    return _differentiable(CrossEntropyBackwardFunction, ops.cross_entropy_backward.default,
+                           grad_loss, input, target, weight, lse, total_weight, *ctx.ce_args,
+                           list(ctx.needs_input_grad[:3]))
 
 
 def _ce_setup(ctx, inputs, output):
@@ -256,7 +272,7 @@ def _ce_setup(ctx, inputs, output):
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """(loss, lse, total_weight) = cross_entropy(input (N, C, D), target, weight, ...).
+    """(loss, lse, total_weight) = cross_entropy(input, target, weight, ...).
 
     The autograd formula of the raw operator; dlext.functional uses CrossEntropyLossFunction.
     """
@@ -270,65 +286,37 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_total_weight):
-        input, target = ctx.saved_tensors[:2]
-        return (*_ce_backward(ctx, grad_loss, input, target, (None, None, None)), None, None, None)
-
-
-def _ce_view(input: torch.Tensor, target: torch.Tensor):
-    """input and target as the operators see them, (N, C, D) and (N, D) or (N, C, D), and the
-    shape of the loss for reduction 'none'."""
-    if input.dim() == 1:
-        n, c, d, loss_shape = 1, input.shape[0], 1, ()
-    else:
-        n, c = input.shape[0], input.shape[1]
-        loss_shape = (n, *input.shape[2:])
-        d = 1
-        for size in loss_shape[1:]:
-            d *= size
-    x = input.reshape(n, c, d)
-    t = target.reshape(n, c, d) if target.is_floating_point() else target.reshape(n, d)
-    return x, t, loss_shape
+        return (*_ce_backward(ctx, grad_loss), None, None, None)
 
 
 def cross_entropy_loss(input, target, weight, reduction, ignore_index, label_smoothing):
-    """The loss of dlext.functional.cross_entropy for already checked arguments: input (C,),
-    (N, C) or (N, C, d1, ..., dK); through CrossEntropyLossFunction when a gradient can be
-    asked for, else straight from the kernel."""
+    """The loss of dlext.functional.cross_entropy: through CrossEntropyLossFunction when a
+    gradient can be asked for, else straight from the kernel."""
     if torch.is_grad_enabled() and (input.requires_grad or target.requires_grad
                                     or (weight is not None and weight.requires_grad)):
         return CrossEntropyLossFunction.apply(input, target, weight, reduction, ignore_index,
                                               label_smoothing)
-    x, t, loss_shape = _ce_view(input, target)
-    loss = _run(ops.cross_entropy.default, x, t, weight, reduction, ignore_index,
+    return _run(ops.cross_entropy.default, input, target, weight, reduction, ignore_index,
                 label_smoothing)[0]
-    return loss.reshape(loss_shape) if reduction == 0 else loss
 
 
 class CrossEntropyLossFunction(torch.autograd.Function):
-    """loss = cross_entropy(input, target, weight, ...) in the shapes of torch.nn.functional.
-
-    Takes the user's tensors and views them as (N, C, D) inside, so the graph holds one node and
-    saves the input itself, the target, and lse (two values per row): nothing of size N x C is
-    kept that the user did not pass in.
+    """loss = cross_entropy(input, target, weight, ...): the operator's first output alone, so the
+    graph holds one node with one output. It saves the input itself, the target, and lse (two
+    values per row): nothing of size N x C that the user did not pass in.
     """
 
     @staticmethod
     def forward(ctx, input, target, weight, reduction, ignore_index, label_smoothing):
-        x, t, loss_shape = _ce_view(input, target)
-        loss, lse, total_weight = _run(ops.cross_entropy.default, x, t, weight, reduction,
-                                       ignore_index, label_smoothing)
+        loss, lse, total_weight = _run(ops.cross_entropy.default, input, target, weight,
+                                       reduction, ignore_index, label_smoothing)
         ctx.save_for_backward(input, target, weight, lse, total_weight)
         ctx.ce_args = (reduction, ignore_index, label_smoothing)
-        return loss.reshape(loss_shape) if reduction == 0 else loss
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        input, target = ctx.saved_tensors[:2]
-        x, t, _ = _ce_view(input, target)
-        if ctx.ce_args[0] == 0:
-            grad_loss = grad_loss.reshape(x.shape[0], x.shape[2])
-        grads = _ce_backward(ctx, grad_loss, x, t, (input.shape, target.shape, None))
-        return (*grads, None, None, None)
+        return (*_ce_backward(ctx, grad_loss), None, None, None)
 
 
 def _ce_backward_setup(ctx, inputs, output):

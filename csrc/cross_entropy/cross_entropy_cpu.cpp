@@ -20,6 +20,7 @@
 #include "common/outputs.h"
 #include "cross_entropy/cross_entropy_common.h"
 #include "cross_entropy/cross_entropy_cpu_args.h"
+#include "cross_entropy/cross_entropy_cpu_flat.h"
 #include "cross_entropy/cross_entropy_cpu_lanes.h"
 #include "cross_entropy/cross_entropy_cpu_rows.h"
 
@@ -93,6 +94,12 @@ CEArgs<scalar_t> make_args(const at::Tensor& x, const at::Tensor& t, const at::T
   return A;
 }
 
+// Class indices as the kernels read them: int64 of shape (N, D) (uint8 targets are widened).
+at::Tensor index_targets(const at::Tensor& target, int64_t N, int64_t D) {
+  const at::Tensor t = target.reshape({N, D});
+  return t.scalar_type() == at::kLong ? t : t.to(at::kLong);
+}
+
 at::Tensor weights_in_acc(const std::optional<at::Tensor>& weight, const at::Tensor& input) {
   if (!weight.has_value() || !weight->defined()) return {};
   return weight->to(at::toOpMathType(input.scalar_type())).contiguous();
@@ -145,6 +152,16 @@ void run_backward(const CEArgs<scalar_t>& A, const CEBackwardArgs<scalar_t>& B, 
   const int64_t rows = A.N * A.D;
   if (layout == CELayout::kRows) {
     const int64_t grain = std::max<int64_t>(1, cpu::kCEGrain / A.C);
+    if constexpr (!kProb) {
+      if (A.C >= W && A.C <= cpu::kCEFlatMaxC &&
+          cpu::rows_are_flat(A.N, A.C, A.D, A.x_sn, A.x_sc, A.x_sd) &&
+          cpu::rows_are_flat(A.N, A.C, A.D, B.g_sn, B.g_sc, B.g_sd)) {
+        at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+          cpu::flat_backward_index<scalar_t, kSmooth, kWeighted>(A, B, r0, r1);
+        });
+        return;
+      }
+    }
     const cpu::RowTail<at::vec::Vectorized<at::opmath_type<scalar_t>>> tail(A.C);
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       cpu::RowCursor cur(r0, A.D);
@@ -228,28 +245,28 @@ void forward_without_rows(CETarget kind, const at::Tensor& t, int64_t ignore_ind
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_cpu(
     const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t reduction, int64_t ignore_index, double label_smoothing) {
-  const CETarget kind = check_cross_entropy_args(input, target, weight, reduction, ignore_index,
-                                                 label_smoothing, "dlext::cross_entropy");
-  const int64_t N = input.size(0), C = input.size(1), D = input.size(2);
+  const CEProblem p = check_cross_entropy_args(input, target, weight, reduction, ignore_index,
+                                                label_smoothing, "dlext::cross_entropy");
+  const int64_t N = p.N, C = p.C, D = p.D;
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  at::Tensor loss = reduction == at::Reduction::None ? new_empty({N, D}, input.options())
+  at::Tensor loss = reduction == at::Reduction::None ? new_empty(p.loss_shape, input.options())
                                                      : new_empty({}, input.options());
   at::Tensor lse = new_empty({2, N, D}, acc_options);
   at::Tensor total_weight = new_empty({}, acc_options);
   const CESmoothing sm = ce_smoothing(label_smoothing, C);
-  const bool prob = kind == CETarget::kProbabilities;
-  const at::Tensor t = prob ? at::Tensor() : target.to(at::kLong);
+  const bool prob = p.kind == CETarget::kProbabilities;
+  const at::Tensor t = prob ? at::Tensor() : index_targets(target, N, D);
   if (N * D == 0 || C == 0) {
-    forward_without_rows(kind, t, ignore_index, sm, reduction, loss, lse, total_weight);
+    forward_without_rows(p.kind, t, ignore_index, sm, reduction, loss, lse, total_weight);
     return {loss, lse, total_weight};
   }
-  at::Tensor x = input;
+  at::Tensor x = input.reshape({N, C, D});
   CELayout layout = ce_layout(x);
   if (layout == CELayout::kNone) {
     x = class_contiguous(x);
     layout = CELayout::kRows;
   }
-  const at::Tensor y = prob ? probs_for_layout(target, layout) : at::Tensor();
+  const at::Tensor y = prob ? probs_for_layout(target.reshape({N, C, D}), layout) : at::Tensor();
   const at::Tensor w_acc = weights_in_acc(weight, input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dlext::cross_entropy", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -291,13 +308,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_backward_cpu(
     const std::optional<at::Tensor>& weight, const at::Tensor& lse,
     const at::Tensor& total_weight, int64_t reduction, int64_t ignore_index,
     double label_smoothing, std::array<bool, 3> output_mask) {
-  const CETarget kind = check_cross_entropy_backward_args(
+  const CEProblem p = check_cross_entropy_backward_args(
       grad_output, input, target, weight, lse, total_weight, reduction, ignore_index,
       label_smoothing, output_mask, "dlext::cross_entropy_backward");
-  const int64_t N = input.size(0), C = input.size(1), D = input.size(2);
-  const bool prob = kind == CETarget::kProbabilities;
-  // Gradients in the input's layout where a kernel walks it as it is, else class-contiguous.
-  at::Tensor x = input;
+  const int64_t N = p.N, C = p.C, D = p.D;
+  const bool prob = p.kind == CETarget::kProbabilities;
+  // Gradients in the input's layout where a kernel walks it as it is, else class-contiguous;
+  // computed on the (N, C, D) view and returned in the input's shape.
+  at::Tensor x = input.reshape({N, C, D});
   const bool keep = ce_grad_keeps_input_layout(x);
   auto new_grad = [&] {
     if (x.numel() == 0) return new_empty({N, C, D}, input.options());
@@ -306,10 +324,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_backward_cpu(
   at::Tensor gx = output_mask[0] ? new_grad() : at::Tensor();
   at::Tensor gy = output_mask[1] ? new_grad() : at::Tensor();
   at::Tensor gw = output_mask[2] ? new_empty({C}, input.options()) : at::Tensor();
+  auto in_user_shapes = [&] {
+    return std::make_tuple(gx.defined() ? gx.reshape(input.sizes()) : gx,
+                           gy.defined() ? gy.reshape(target.sizes()) : gy, gw);
+  };
   if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {gx, gy, gw};
   if (x.numel() == 0) {
     if (gw.defined()) gw.zero_();
-    return {gx, gy, gw};
+    return in_user_shapes();
   }
   CELayout layout = ce_layout(x);
   if (!keep && layout != CELayout::kRows) {
@@ -317,8 +339,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_backward_cpu(
     layout = CELayout::kRows;
   }
   const CESmoothing sm = ce_smoothing(label_smoothing, C);
-  const at::Tensor t = prob ? at::Tensor() : target.to(at::kLong);
-  const at::Tensor y = prob ? probs_for_layout(target, layout) : at::Tensor();
+  const at::Tensor t = prob ? at::Tensor() : index_targets(target, N, D);
+  const at::Tensor y = prob ? probs_for_layout(target.reshape({N, C, D}), layout) : at::Tensor();
+  // grad_output per row ('none'; strides may be 0) as (N, D).
+  const at::Tensor go = reduction == at::Reduction::None ? grad_output.reshape({N, D}) : grad_output;
   const at::Tensor w_acc = weights_in_acc(weight, input);
   // Read only here; CEArgs holds mutable pointers for the forward.
   at::Tensor lse_c = lse.contiguous();
@@ -327,9 +351,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_backward_cpu(
     const CEArgs<scalar_t> A = make_args<scalar_t>(x, t, y, w_acc, ignore_index, sm, lse_c);
     CEBackwardArgs<scalar_t> B;
     if (reduction == at::Reduction::None) {
-      B.go = grad_output.const_data_ptr<scalar_t>();
-      B.go_sn = grad_output.stride(0);
-      B.go_sd = grad_output.stride(1);
+      B.go = go.const_data_ptr<scalar_t>();
+      B.go_sn = go.stride(0);
+      B.go_sd = go.stride(1);
     } else {
       const acc_t g = static_cast<acc_t>(*grad_output.const_data_ptr<scalar_t>());
       B.scale = reduction == at::Reduction::Mean ? g / *total_weight.const_data_ptr<acc_t>() : g;
@@ -352,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_backward_cpu(
     }
     if (gw.defined()) weight_grad_prob<scalar_t>(A, B, gw.mutable_data_ptr<scalar_t>());
   });
-  return {gx, gy, gw};
+  return in_user_shapes();
 }
 
 }  // namespace
