@@ -2,6 +2,7 @@
 torch.ops.dlext.cross_entropy* against torch.nn.functional.cross_entropy."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -275,6 +276,12 @@ def test_empty_inputs(device, reduction):
             torch.testing.assert_close(loss, ref, equal_nan=True, rtol=0, atol=0)
             numbers = ~ref.isnan()  # the sign of a NaN means nothing
             assert torch.equal(loss.signbit()[numbers], ref.signbit()[numbers])
+        # The operator's by-products: lse (2, N, D) and the mean's denominator (N * D rows for
+        # probabilities, the counted ones for indices: none here).
+        _, lse, tw = ops.cross_entropy(x, target, None, 1, -100, 0.0)
+        n, d = shape[0], math.prod(shape[2:])
+        assert lse.shape == (2, n, d)
+        assert tw.item() == (n * d if target.is_floating_point() else 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

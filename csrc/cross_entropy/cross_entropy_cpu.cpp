@@ -1,9 +1,10 @@
 // Fused softmax + cross-entropy on the CPU, host side: picks how the kernels walk the (N, C, D)
-// input (cross_entropy_cpu_rows.h: class-contiguous rows; cross_entropy_cpu_lanes.h: planes, and
-// the forward of rows of few classes), answers the empty shapes as torch
-// does, runs the kernels over threads and combines the per-block sums in a fixed order. Nothing
-// of size N x C is allocated in the forward (only the lse of each row, in two parts, is kept for
-// the backward); the backward writes each gradient element once. Formulas: cross_entropy_common.h.
+// view of the input (cross_entropy_cpu_rows.h: class-contiguous rows; cross_entropy_cpu_lanes.h:
+// planes, and the forward of rows of few classes; cross_entropy_cpu_flat.h: the backward of
+// those), answers the empty shapes as torch does, runs the kernels over threads and combines the
+// per-block sums in a fixed order. Nothing of size N x C is allocated in the forward (only the lse
+// of each row, in two parts, is kept for the backward); the backward writes each gradient element
+// once. Formulas: cross_entropy_common.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -84,7 +85,6 @@ CEArgs<scalar_t> make_args(const at::Tensor& x, const at::Tensor& t, const at::T
     A.w_sum = static_cast<acc_t>(A.C);
   }
   A.ignore_index = ignore_index;
-  A.smooth = sm.on;
   A.a = static_cast<acc_t>(sm.a);
   A.b = static_cast<acc_t>(sm.b);
   if (lse.defined()) {
@@ -228,7 +228,7 @@ void forward_without_rows(CETarget kind, const at::Tensor& t, int64_t ignore_ind
   if (kind == CETarget::kProbabilities) {
     // -(sum over no classes): negative zero, as torch's -(logp * y).sum().
     loss.fill_(reduction == at::Reduction::Mean ? nan : -0.0);
-    total_weight.fill_(static_cast<double>(lse.numel()));
+    total_weight.fill_(static_cast<double>(lse.numel() / 2));  // N * D, lse being (2, N, D)
     return;
   }
   const at::Tensor flat = t.reshape(-1);

@@ -27,8 +27,7 @@ struct CEArgs {
   const acc_t* w = nullptr;  // C class weights in acc_t, or nullptr for none
   acc_t w_sum = 0;           // sum of the weights (C without)
   int64_t ignore_index = -100;
-  bool smooth = false;  // see CESmoothing: loss = a * nll + b * smooth
-  acc_t a = 1, b = 0;
+  acc_t a = 1, b = 0;  // see CESmoothing: loss = a * nll + b * smooth
   // The log-sum-exp of each row in two parts, lse = max + log_sum with
   // log_sum = log(sum_c exp(x_c - max)): x_c - lse is then (x_c - max) - log_sum, which keeps
   // its precision when the logits are large (a float lse of 1e4 would be off by up to 5e-4).

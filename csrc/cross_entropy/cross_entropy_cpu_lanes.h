@@ -91,18 +91,26 @@ struct ScratchSource {
 };
 
 // Copies the classes of rows [r, r + m) into scratch[c * W + i] as acc_t (lanes past m: 0), and
-// returns the row pointers through `rows`.
+// returns the row pointers through `rows`. Eight float rows equally spaced in memory (dense
+// (N, C) logits) go through in-register 8 x 8 transposes, the rest element by element.
 template <typename scalar_t>
 void transpose_rows(const scalar_t* base, int64_t sn, int64_t sd, RowCursor cur, int64_t m,
                     int64_t C, at::opmath_type<scalar_t>* scratch, const scalar_t** rows) {
-  constexpr int64_t W = at::vec::Vectorized<at::opmath_type<scalar_t>>::size();
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  for (int64_t i = 0; i < m; ++i, cur.next()) rows[i] = base + cur.n * sn + cur.d * sd;
+  int64_t c0 = 0;
+  if constexpr (std::is_same_v<scalar_t, float> && W == 8) {
+    const int64_t ld = m == W ? rows[1] - rows[0] : 0;
+    bool even = ld > 0;
+    for (int64_t i = 2; even && i < W; ++i) even = rows[i] - rows[0] == i * ld;
+    for (; even && c0 + 8 <= C; c0 += 8) {
+      at::vec::transpose_mxn<float, 8, 8>(rows[0] + c0, ld, scratch + c0 * W, W);
+    }
+  }
   for (int64_t i = 0; i < W; ++i) {
-    if (i < m) {
-      rows[i] = base + cur.n * sn + cur.d * sd;
-      for (int64_t c = 0; c < C; ++c) scratch[c * W + i] = static_cast<at::opmath_type<scalar_t>>(rows[i][c]);
-      cur.next();
-    } else {
-      for (int64_t c = 0; c < C; ++c) scratch[c * W + i] = 0;
+    for (int64_t c = c0; c < C; ++c) {
+      scratch[c * W + i] = i < m ? static_cast<acc_t>(rows[i][c]) : acc_t(0);
     }
   }
 }
