@@ -37,7 +37,8 @@ struct OpmathVec {
   static Vec load(const scalar_t* p, int64_t n) {
     if (n >= kSize) return load(p);
     if constexpr (kWidened) {
-      return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
+      const auto v = at::vec::Vectorized<scalar_t>::loadu(p, n);
+      return std::get<0>(at::vec::convert_to_float<scalar_t>(v));
     } else {
       return Vec::loadu(p, n);
     }

@@ -125,7 +125,8 @@ inline CEProblem check_cross_entropy_args(const at::Tensor& input, const at::Ten
   check_same_device(input, target, op, "input", "target");
   TORCH_CHECK(reduction == at::Reduction::None || reduction == at::Reduction::Mean ||
                   reduction == at::Reduction::Sum,
-              op, ": expected 'reduction' to be 0 (none), 1 (mean) or 2 (sum), but got ", reduction);
+              op, ": expected 'reduction' to be 0 (none), 1 (mean) or 2 (sum), but got ",
+              reduction);
   CEProblem p;
   if (input.sizes() == target.sizes()) {  // class probabilities, as torch decides
     TORCH_CHECK(at::isFloatingType(target.scalar_type()),

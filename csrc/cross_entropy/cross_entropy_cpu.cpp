@@ -342,7 +342,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_backward_cpu(
   const at::Tensor t = prob ? at::Tensor() : index_targets(target, N, D);
   const at::Tensor y = prob ? probs_for_layout(target.reshape({N, C, D}), layout) : at::Tensor();
   // grad_output per row ('none'; strides may be 0) as (N, D).
-  const at::Tensor go = reduction == at::Reduction::None ? grad_output.reshape({N, D}) : grad_output;
+  const at::Tensor go =
+      reduction == at::Reduction::None ? grad_output.reshape({N, D}) : grad_output;
   const at::Tensor w_acc = weights_in_acc(weight, input);
   // Read only here; CEArgs holds mutable pointers for the forward.
   at::Tensor lse_c = lse.contiguous();

@@ -40,9 +40,9 @@ struct CEArgs {
   int64_t target(int64_t n, int64_t d) const { return t[n * t_sn + d * t_sd]; }
 };
 
-// Forward outputs besides the lse parts: per-row losses (reduction 'none', (N, D) contiguous) and one
-// partial sum per block of rows; the blocks are fixed by the shape alone, so the reduced loss
-// and the total weight do not depend on the number of threads.
+// Forward outputs besides the lse parts: per-row losses (reduction 'none', (N, D) contiguous)
+// and one partial sum per block of rows; the blocks are fixed by the shape alone, so the reduced
+// loss and the total weight do not depend on the number of threads.
 template <typename scalar_t>
 struct CEForwardOut {
   using acc_t = at::opmath_type<scalar_t>;

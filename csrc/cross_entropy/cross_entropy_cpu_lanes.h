@@ -4,10 +4,11 @@
 //  - planes: inputs whose positions are contiguous (NCHW images, (N, C, L) sequences); class c
 //    of a group is one vector load at x + n * sN + c * sC + d;
 //  - small rows (forward only): rows of at most kCESmallC contiguous classes ((N, 10) logits).
-//    W rows are transposed into a C x W scratch first: C scalar moves per row, which buy W
-//    rows' max, sums and log as vertical vector ops instead of a chain of horizontal reductions
-//    per row, the latency that bounds the row kernels when C is small. (The backward has no
-//    reductions; its row kernel is as fast, so it needs no transposition.)
+//    W rows are transposed into a C x W scratch first (8 x 8 register transposes for evenly
+//    spaced float rows, element moves otherwise), which buys W rows' max, sums and log as
+//    vertical vector ops instead of a chain of horizontal reductions per row, the latency that
+//    bounds the row kernels when C is small. (The backward has no reductions; such rows go
+//    through cross_entropy_cpu_flat.h instead.)
 // Per group the math is the row kernels' (cross_entropy_cpu_rows.h): the per-lane max M over the
 // classes, then s = sum exp(x - M) and the smoothing or probability terms relative to M. The
 // target's logit is picked per lane in scalar after its range check; in the backward a lane
@@ -122,8 +123,8 @@ struct LaneSums {
   int64_t count = 0;
 };
 
-// Forward of one group with class-index targets: writes the lse parts and (reduction 'none') the loss of
-// its cnt rows at offset `off` of the (N, D) outputs, and adds to the block's sums.
+// Forward of one group with class-index targets: writes the lse parts and (reduction 'none') the
+// loss of its cnt rows at offset `off` of the (N, D) outputs, and adds to the block's sums.
 template <typename scalar_t, bool kSmooth, bool kWeighted, typename Src>
 void group_forward_index(const CEArgs<scalar_t>& A, const CEForwardOut<scalar_t>& out,
                          const Src& xs, const CELanes<scalar_t>& L, int64_t off, int64_t cnt,
@@ -278,7 +279,8 @@ void group_backward_index(const CEArgs<scalar_t>& A, const CELanes<scalar_t>& L,
 // Backward of one group with probability targets: g_c = p_c * s * Y - s * w_c y'_c and
 // grad_target_c = s * a * w_c * (lse - x_c); store_x / store_y take (c, vector).
 template <typename scalar_t, bool kWeighted, typename Src, typename StoreX, typename StoreY>
-void group_backward_prob(const CEArgs<scalar_t>& A, at::vec::Vectorized<at::opmath_type<scalar_t>> s,
+void group_backward_prob(const CEArgs<scalar_t>& A,
+                         at::vec::Vectorized<at::opmath_type<scalar_t>> s,
                          at::vec::Vectorized<at::opmath_type<scalar_t>> M,
                          at::vec::Vectorized<at::opmath_type<scalar_t>> log_sum, const Src& xs,
                          const Src& ys, bool want_x, bool want_y, const StoreX& store_x,
