@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from dlext import functional as DF
 
-__all__ = ["ReLU", "MaxPool2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d"]
+__all__ = ["ReLU", "MaxPool2d", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d",
+           "CrossEntropyLoss"]
 
 
 class ReLU(torch.nn.ReLU):
@@ -72,3 +73,8 @@ class Conv2d(torch.nn.Conv2d):
             padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return DF.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
         return DF.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return DF.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                reduction=self.reduction, label_smoothing=self.label_smoothing)

@@ -34,6 +34,21 @@ def _pool_inputs(device):
     n = 2 * 3 * 9 * 11  # distinct values: the argmax is stable under gradcheck's perturbations
     return ((torch.randperm(n, device=device).double() / n).view(2, 3, 9, 11).requires_grad_(),)
 
+_CE_TARGET = [1, 4, -100, 0, 6, 2, 5]  # class indices of a (7, 7, 3) input, one ignored
+
+
+def _cross_entropy_inputs(device):
+    x = torch.randn(7, 7, 3, dtype=torch.float64, device=device).requires_grad_()
+    target = torch.tensor(_CE_TARGET, device=device).view(7, 1).expand(7, 3).contiguous()
+    weight = torch.rand(7, dtype=torch.float64, device=device) + 0.5
+    return x, target, weight
+
+
+def _cross_entropy_prob_inputs(device):
+    x = torch.randn(5, 9, dtype=torch.float64, device=device).requires_grad_()
+    y = torch.randn(5, 9, dtype=torch.float64, device=device).softmax(1).requires_grad_()
+    return x, y
+
 
 CHECKS = [
     Check("relu", _relu_inputs, DF.relu, F.relu),
@@ -87,6 +102,12 @@ CHECKS += [
     Check("conv2d (depthwise)", _conv2d_inputs((2, 4, 7, 7), (8, 1, 3, 3)),
           lambda *t: DF.conv2d(*t, **_CONV2D_DEPTHWISE),
           lambda *t: F.conv2d(*t, **_CONV2D_DEPTHWISE)),
+    Check("cross_entropy", _cross_entropy_inputs,
+          lambda x, t, w: DF.cross_entropy(x, t, weight=w, label_smoothing=0.1),
+          lambda x, t, w: F.cross_entropy(x, t, weight=w, label_smoothing=0.1)),
+    Check("cross_entropy (probs)", _cross_entropy_prob_inputs,
+          lambda x, y: DF.cross_entropy(x, y, reduction="none", label_smoothing=0.1),
+          lambda x, y: F.cross_entropy(x, y, reduction="none", label_smoothing=0.1)),
 ]
 
 
