@@ -23,6 +23,20 @@ def _check_tensor(fn: str, name: str, value) -> None:
         raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(value).__name__}")
 
 
+def _autocast(tensors, lower_precision: bool):
+    """Cast as torch.autocast casts the inputs of its native twin: convolutions run in the
+    autocast dtype ("lower_precision_fp" ops), losses in float32 ("fp32" ops). Like autocast, only
+    floating tensors other than float64 are cast, and only inside an autocast region for their
+    device. None entries pass through."""
+    first = next(t for t in tensors if t is not None)
+    device = first.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device) if lower_precision else torch.float32
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+            else t for t in tensors]
+
+
 def _int_list(value) -> list[int]:
     """An int or a sequence of ints as a list (its length is checked by the op, as torch does)."""
     if isinstance(value, (list, tuple, torch.Size)):
@@ -167,6 +181,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if input.dim() not in (3, 4):
         raise RuntimeError("Expected 3D (unbatched) or 4D (batched) input to conv2d, but got "
                            f"input of size: {list(input.shape)}")
+    input, weight, bias = _autocast([input, weight, bias], lower_precision=True)
     stride = _conv2d_pair(stride, "stride")
     dilation = _conv2d_pair(dilation, "dilation")
     padding = _conv2d_padding(padding, weight, stride, dilation)
@@ -176,6 +191,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
                                    groups)
         return out.squeeze(0)
     return Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups)
+
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                   size_average=None, ignore_index: int = -100, reduce=None,
@@ -207,6 +223,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     reduction_enum = _Reduction.get_enum(reduction)
+    input, target, weight = _autocast([input, target, weight], lower_precision=False)
 
     if input.shape == target.shape:  # class probabilities, as torch decides
         if input.is_floating_point() and target.is_floating_point():

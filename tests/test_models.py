@@ -147,3 +147,79 @@ def test_checkpoint_round_trip(tmp_path):
     again.eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(again(x), native(x), rtol=1e-4, atol=1e-4)
+
+
+def _train_steps(model, loss_fn, batches, lr=0.1):
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for x, y in batches:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet18"])
+def test_float64_training_matches_native_step_for_step(name):
+    torch.manual_seed(0)
+    if name == "lenet5":
+        ours, native = lenet5().double(), lenet5(native=True).double()
+        shape, classes = (6, 1, 32, 32), 10
+    else:
+        ours, native = resnet18(num_classes=4).double(), resnet18(num_classes=4, native=True).double()
+        shape, classes = (8, 3, 48, 48), 4   # 2x2 at layer4: 32 values per BN channel
+    native.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(shape, generator=g, dtype=torch.float64),
+                torch.randint(0, classes, shape[:1], generator=g)) for _ in range(4)]
+    a = _train_steps(ours, DN.CrossEntropyLoss(), batches)
+    b = _train_steps(native, nn.CrossEntropyLoss(), batches)
+    # float64 rounding differs between the kernels (summation order) and SGD with momentum
+    # amplifies it a little each step; a wrong term would show at 1e-2, not 1e-8.
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-8
+    assert max_rel_diff(list(ours.parameters()), list(native.parameters())) < 1e-8
+    if name == "resnet18":
+        assert max_rel_diff([b for b in ours.buffers() if b.is_floating_point()],
+                            [b for b in native.buffers() if b.is_floating_point()]) < 1e-8
+
+
+def test_autocast_treats_dlext_ops_like_their_native_twins():
+    """CPU autocast (bfloat16): convolutions in bfloat16, the loss in float32, as for torch.nn."""
+    torch.manual_seed(0)
+    ours, native = lenet5(), lenet5(native=True)
+    native.load_state_dict(ours.state_dict())
+    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+    seen = {}
+    ours.features[0].register_forward_hook(lambda m, i, o: seen.setdefault("conv", o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ours(x), native(x)
+        la, lb = DN.CrossEntropyLoss()(a, y), nn.CrossEntropyLoss()(b, y)
+    assert seen["conv"] == torch.bfloat16 and a.dtype == b.dtype == torch.bfloat16
+    assert la.dtype == lb.dtype == torch.float32
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    la.backward()
+    lb.backward()
+    for p, q in zip(ours.parameters(), native.parameters()):
+        assert p.grad.dtype == q.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet18"])
+def test_compile_fullgraph_over_a_dlext_model(name):
+    torch.manual_seed(0)
+    model = (lenet5() if name == "lenet5" else resnet18(num_classes=5)).double()
+    twin = copy.deepcopy(model)
+    shape = (4, 1, 32, 32) if name == "lenet5" else (2, 3, 32, 32)
+    x, y = torch.randn(shape, dtype=torch.float64), torch.randint(0, 5, shape[:1])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss_c = DN.CrossEntropyLoss()(compiled(x), y)
+    loss_e = DN.CrossEntropyLoss()(twin(x), y)
+    loss_c.backward()
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e)
+    assert max_rel_diff([p.grad for p in model.parameters()],
+                        [p.grad for p in twin.parameters()]) < 1e-12
+    for b, c in zip(model.buffers(), twin.buffers()):   # running stats updated the same way
+        torch.testing.assert_close(b, c)
