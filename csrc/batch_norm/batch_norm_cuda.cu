@@ -5,8 +5,9 @@
 // both raise the same errors, device mismatches included), brings the input into torch's suggested
 // memory format (a no-op for contiguous and channels_last inputs), allocates its outputs in that
 // format, and runs the kernels on the input's device (the checks put every tensor there; the
-// dispatcher sent the call here because one of them is on CUDA) and its current stream. The formulas, dtypes and
-// edge cases (no values, a single value, var == eps == 0) are the CPU operators'.
+// dispatcher sent the call here because one of them is on CUDA) and its current stream. The
+// formulas, dtypes and edge cases (no values, a single value, var == eps == 0) are the CPU
+// operators'.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>

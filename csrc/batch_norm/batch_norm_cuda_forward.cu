@@ -158,7 +158,8 @@ __device__ __forceinline__ Welford<acc_type<T>> thread_plane_moments(const T* __
 // Partial moments of every (channel, split) task: parts[s * C + c].
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    stats_planes_kernel(const T* __restrict__ x, Planes g, Welford<acc_type<T>>* __restrict__ parts) {
+    stats_planes_kernel(const T* __restrict__ x, Planes g,
+                        Welford<acc_type<T>>* __restrict__ parts) {
   using acc_t = acc_type<T>;
   __shared__ Welford<acc_t> smem[cuda::kWarpSize];
   const int64_t tasks = g.C * g.splits;

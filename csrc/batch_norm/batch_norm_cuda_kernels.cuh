@@ -102,7 +102,8 @@ inline ChannelRef channel_ref(const at::Tensor& t, bool writable = false) {
     case at::kDouble: r.kind = ChannelRef::kDouble; break;
     case at::kHalf: r.kind = ChannelRef::kHalf; break;
     case at::kBFloat16: r.kind = ChannelRef::kBFloat16; break;
-    default: TORCH_CHECK(false, "dlext::batch_norm: unexpected per-channel dtype ", t.scalar_type());
+    default:
+      TORCH_CHECK(false, "dlext::batch_norm: unexpected per-channel dtype ", t.scalar_type());
   }
   TORCH_INTERNAL_ASSERT(t.dim() == 1);
   r.ptr = writable ? t.mutable_data_ptr() : const_cast<void*>(t.const_data_ptr());
@@ -170,7 +171,8 @@ __device__ __forceinline__ void store_pack(T* base, int64_t i, const Pack<T, V>&
 // ------------------------------------------------------------------------- planes: geometry
 
 // Planes in packs: channel c's packs are u = n * Lv + l (n < N, l < Lv), at pack offset
-// (n * C + c) * Lv + l. Block task (c, s) covers packs [s * units / splits, (s+1) * units / splits).
+// (n * C + c) * Lv + l. Block task (c, s) covers packs [s * units / splits,
+// (s + 1) * units / splits).
 struct Planes {
   int64_t C;       // channels
   int64_t L;       // values per plane (a channel's first value is at c * L)
@@ -337,7 +339,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = blockIdx.x * warps + threadIdx.x / cuda::kWarpSize; c < C;
        c += static_cast<int64_t>(gridDim.x) * warps) {
     Part acc{};
-    for (int64_t s = lane; s < nparts; s += cuda::kWarpSize) acc = cuda::merge(acc, parts[s * C + c]);
+#pragma unroll 4  // several partials' loads in flight before their merges
+    for (int64_t s = lane; s < nparts; s += cuda::kWarpSize) {
+      acc = cuda::merge(acc, parts[s * C + c]);
+    }
     acc = cuda::warp_reduce(acc);
     if (lane == 0) epilogue(c, acc);
   }

@@ -27,7 +27,8 @@ struct Welford {
 
 // a U b by the parallel-variance formula (Chan, Golub, LeVeque 1979): exact in exact arithmetic,
 // stable in floating point because it only adds squared deviations. An empty side is the
-// identity, so {0, 0, 0} starts any reduction. The formula is the CPU kernels' (batch_norm_cpu_vec.h).
+// identity, so {0, 0, 0} starts any reduction. The formula is the CPU kernels'
+// (batch_norm/batch_norm_cpu_vec.h).
 template <typename acc_t>
 __device__ __forceinline__ Welford<acc_t> merge(const Welford<acc_t>& a, const Welford<acc_t>& b) {
   if (b.n == 0) return a;
