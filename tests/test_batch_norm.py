@@ -830,3 +830,267 @@ def test_past_2_pow_31_elements():
                                rtol=1e-2, atol=0)
     torch.testing.assert_close(out[0, 1, 0].float().item(), -expected_mean * scale, rtol=1e-2,
                                atol=0)
+
+
+# ------------------------------------------------------------------------------ CUDA kernels
+#
+# The device-parametrised tests above run the CUDA kernels too; these aim at what only the CUDA
+# kernels have: their paths (batch_norm_cuda_kernels.cuh), 16-byte packs and their fallback,
+# determinism of the two-stage reductions, streams, and devices.
+
+CUDA_ONLY = [pytest.param("cuda", marks=DEVICES[1].marks)]
+
+# Shapes that take each CUDA path on any GPU: planes split over several blocks per channel (a
+# few channels, over 4096 packs each), planes with one block per channel (the fused kernels:
+# fewer than 4096 packs per channel), and rows (channels_last, 2-D inputs). Odd sizes leave
+# partial batches, and planes or rows that are not a multiple of 16 bytes use one-value packs.
+CUDA_PATHS = [
+    ((4, 3, 301, 301), "contiguous"),    # split, odd planes: one value per pack
+    ((3, 2, 64, 1000), "contiguous"),    # split, 16-byte packs
+    ((2, 5, 1_000_003), "contiguous"),   # split, a long odd plane
+    ((8, 2100, 7, 7), "contiguous"),     # fused, many channels
+    ((5, 13, 32, 24), "contiguous"),     # fused, 16-byte packs
+    ((64, 37, 17, 19), "channels_last"),  # rows, an odd number of channels
+    ((16, 64, 33, 35), "channels_last"),  # rows, 16-byte packs
+    ((3000, 24), "contiguous"),          # rows (2-D), 16-byte packs
+    ((20011, 3), "contiguous"),          # rows (2-D), few channels
+]
+
+
+def _cuda_inputs(shape, layout, dtype, device):
+    x = bn_layout((torch.randn(shape, dtype=torch.float64, device=device) * 2 + 0.5).to(dtype),
+                  layout)
+    dy = bn_layout(torch.randn(shape, dtype=torch.float64, device=device).to(dtype), layout)
+    pdtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return x, dy, channel_params(shape[1], pdtype, device)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,layout", CUDA_PATHS)
+def test_cuda_paths_against_native(device, dtype, shape, layout):
+    x, dy, (w, b, rm, rv) = _cuda_inputs(shape, layout, dtype, device)
+    for training in (True, False):
+        ours, _ = compare_with_native(x, rm, rv, w, b, training, grad=dy)
+        assert ours[0].is_contiguous(memory_format=torch._prims_common.suggest_memory_format(x))
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("shape,layout", [CUDA_PATHS[1], CUDA_PATHS[4], CUDA_PATHS[6]])
+def test_cuda_primitives_on_each_path(device, shape, layout):
+    """The SyncBN primitives on every path, against their formulas in float64."""
+    x, dy, (w, b, _, _) = _cuda_inputs(shape, layout, torch.float32, device)
+    C, dims = shape[1], [0] + list(range(2, len(shape)))
+    view = (1, C) + (1,) * (len(shape) - 2)
+    xd, dyd = x.double(), dy.double()
+    mean, var = ops.batch_norm_stats(x)
+    assert_near(mean, xd.mean(dims), TOL[torch.float32], "mean")
+    assert_near(var, xd.var(dims, unbiased=False), TOL[torch.float32], "var")
+    invstd = (var + 1e-5).rsqrt()
+    xmu = xd - mean.double().view(view)
+    scale = (invstd.double() * w.double()).view(view)
+    assert_near(ops.batch_norm_elemt(x, w, b, mean, invstd), xmu * scale + b.double().view(view),
+                TOL[torch.float32], "elemt")
+    sum_dy, sum_dy_xmu, gw, gb = ops.batch_norm_backward_reduce(dy, x, mean, invstd, w,
+                                                                [True, True, True])
+    assert_near(sum_dy, dyd.sum(dims), TOL[torch.float32], "sum_dy")
+    assert_near(sum_dy_xmu, (dyd * xmu).sum(dims), TOL[torch.float32], "sum_dy_xmu")
+    assert_near(gw, (dyd * xmu).sum(dims) * invstd.double(), TOL[torch.float32], "grad_weight")
+    assert_near(gb, dyd.sum(dims), TOL[torch.float32], "grad_bias")
+    n = x.numel() // C
+    dx = ops.batch_norm_backward_elemt(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, n)
+    k = (invstd.double() ** 2 * sum_dy_xmu.double() / n).view(view)
+    ref = (dyd - (sum_dy.double() / n).view(view) - xmu * k) * scale
+    assert_near(dx, ref, TOL[torch.float32], "backward_elemt")
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The values of the dense tensor t, in the same layout, one element past a 16-byte
+    boundary."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = base[1:].as_strided(t.shape, t.stride())
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", [CUDA_PATHS[1], CUDA_PATHS[4], CUDA_PATHS[6],
+                                          CUDA_PATHS[7]])
+def test_cuda_misaligned_storage(device, dtype, shape, layout):
+    """Contiguous (or channels_last) inputs whose storage is not 16-byte aligned take one-value
+    packs, with the same results up to rounding as the aligned tensors."""
+    x, dy, (w, b, rm, rv) = _cuda_inputs(shape, layout, dtype, device)
+    xm, dym = _misaligned(x), _misaligned(dy)
+    for training in (True, False):
+        shifted, _ = compare_with_native(xm, rm, rv, w, b, training, grad=dym)
+        aligned = run(DF.batch_norm, x, rm, rv, w, b, training, grad=dy)
+        for name, s, a in zip(["out", "rm", "rv", "gx", "gw", "gb"], shifted, aligned):
+            assert_near(s, a, 2 * TOL[dtype], name)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("shape,layout", [CUDA_PATHS[0], CUDA_PATHS[3], CUDA_PATHS[6],
+                                          CUDA_PATHS[8]])
+def test_cuda_bitwise_reproducible(device, shape, layout):
+    """Two-stage reductions merged in a fixed order, no atomics: every result is the same to the
+    bit from run to run."""
+    x, dy, (w, b, _, _) = _cuda_inputs(shape, layout, torch.float32, device)
+    C = shape[1]
+
+    def once():
+        rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+        out, mean, invstd = ops.batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5)
+        grads = ops.batch_norm_backward(dy, x, w, mean, invstd, True, [True, True, True])
+        sums = ops.batch_norm_backward_reduce(dy, x, mean, invstd, w, [True, True, True])
+        return [out, mean, invstd, rm, rv, *grads, *ops.batch_norm_stats(x), *sums]
+
+    for a, b in zip(once(), once()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype,pdtype,tol", [(torch.float32, torch.float32, 1e-5),
+                                              (torch.float64, torch.float64, 1e-12),
+                                              (torch.bfloat16, torch.float32, 1e-5),
+                                              (torch.float16, torch.float16, 2e-3)])
+@pytest.mark.parametrize("shape,layout", [CUDA_PATHS[0], CUDA_PATHS[3], CUDA_PATHS[5]])
+def test_cuda_running_stats_updated_in_place(device, dtype, pdtype, tol, shape, layout):
+    """The kernels write the running statistics where they are (no copy back), in their dtype."""
+    x = bn_layout(torch.randn(shape, device=device).to(dtype) + 1, layout)
+    C = shape[1]
+    rm = (torch.randn(C, device=device) * 0.1).to(pdtype)
+    rv = (torch.rand(C, device=device) + 0.5).to(pdtype)
+    rm_native, rv_native = rm.clone(), rv.clone()
+    pointers, versions = (rm.data_ptr(), rv.data_ptr()), (rm._version, rv._version)
+    DF.batch_norm(x, rm, rv, training=True, momentum=0.3)
+    F.batch_norm(x, rm_native, rv_native, training=True, momentum=0.3)
+    assert (rm.data_ptr(), rv.data_ptr()) == pointers
+    assert rm._version > versions[0] and rv._version > versions[1]
+    assert rm.dtype == rv.dtype == pdtype
+    torch.testing.assert_close(rm, rm_native, rtol=tol, atol=tol)
+    torch.testing.assert_close(rv, rv_native, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_device_mismatch_errors(device):
+    """Any tensor on another device than the input is refused by name, before any launch."""
+    x = torch.randn(4, 3, 5, device=device)
+    on_cpu, on_cuda = torch.ones(3), torch.ones(3, device=device)
+    mask = [True, True, True]
+    cases = {
+        "weight": lambda: ops.batch_norm(x, on_cpu, None, None, None, True, 0.1, 1e-5),
+        "bias": lambda: ops.batch_norm(x, None, on_cpu, None, None, True, 0.1, 1e-5),
+        "running_mean": lambda: ops.batch_norm(x, None, None, on_cpu.clone(), on_cuda.clone(),
+                                               True, 0.1, 1e-5),
+        "running_var": lambda: ops.batch_norm(x, None, None, on_cuda.clone(), on_cpu.clone(),
+                                              False, 0.1, 1e-5),
+        "input' is on cpu and 'weight": lambda: ops.batch_norm(x.cpu(), on_cuda, None, None, None,
+                                                               True, 0.1, 1e-5),
+        "grad_output": lambda: ops.batch_norm_backward(x.cpu(), x, None, on_cuda, on_cuda, True,
+                                                       mask),
+        "save_mean": lambda: ops.batch_norm_backward(x, x, None, on_cpu, on_cuda, True, mask),
+        "invstd": lambda: ops.batch_norm_elemt(x, None, None, on_cuda, on_cpu),
+        "'weight'": lambda: ops.batch_norm_backward_reduce(x, x, on_cuda, on_cuda, on_cpu, mask),
+        "sum_dy_xmu": lambda: ops.batch_norm_backward_elemt(x, x, on_cuda, on_cuda, None, on_cuda,
+                                                            on_cpu, 20),
+    }
+    for name, call in cases.items():
+        with pytest.raises(RuntimeError, match="expected all tensors to be on the same device.*"
+                                               + name):
+            call()
+    with pytest.raises(RuntimeError, match="expected all tensors to be on the same device"):
+        DF.batch_norm(x.requires_grad_(), None, None, on_cpu, None, training=True)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_side_stream_and_graph_capture(device):
+    """The kernels run on the current stream: a side stream gives the same bits, and the ops
+    capture into a CUDA graph (a launch on another stream would break the capture) whose replay
+    gives the same bits again, running statistics included."""
+    x, dy, (w, b, _, _) = _cuda_inputs((8, 16, 30, 30), "contiguous", torch.float32, device)
+
+    def step():
+        rm, rv = torch.zeros(16, device=device), torch.ones(16, device=device)
+        out, mean, invstd = ops.batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5)
+        grads = ops.batch_norm_backward(dy, x, w, mean, invstd, True, [True, True, True])
+        return [out, rm, rv, *grads]
+
+    reference = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = step()
+        step()  # warm-up before capture, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for r, s, c in zip(reference, on_side, captured):
+        assert torch.equal(r, s) and torch.equal(r, c)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_second_device(device):
+    """Kernels run on the input's device, whatever the current device."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x, dy, (w, b, rm, rv) = _cuda_inputs((4, 13, 9, 11), "channels_last", torch.float32, "cuda:1")
+    with torch.cuda.device(0):
+        compare_with_native(x, rm, rv, w, b, True, grad=dy)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_module_steps(device):
+    """dlext.nn.BatchNorm2d on CUDA through train and eval steps, buffers and gradients
+    included, in both layouts."""
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        ours, theirs = DN.BatchNorm2d(6).to(device), torch.nn.BatchNorm2d(6).to(device)
+        for step, mode in enumerate(["train", "train", "eval", "train"]):
+            getattr(ours, mode)()
+            getattr(theirs, mode)()
+            x = (torch.randn(5, 6, 13, 11, device=device) * (step + 1) + step).contiguous(
+                memory_format=fmt)
+            xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ya, yb = ours(xa), theirs(xb)
+            torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+            g = torch.randn_like(ya)
+            ya.backward(g)
+            yb.backward(g)
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+        for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.bigmem
+@pytest.mark.slow
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("shape,last", [((1, 2, 2**30 + 5), (0, 1, -1)),   # planes
+                                        ((2**30 + 5, 2), (-1, 1))])          # rows
+def test_cuda_past_2_pow_31_elements(device, shape, last):
+    """64-bit indexing: channel 1's last value lies past element 2^31; it is reduced, normalised
+    and differentiated."""
+    try:
+        x = torch.zeros(shape, dtype=torch.bfloat16, device=device)
+    except RuntimeError:
+        pytest.skip("not enough GPU memory for a 2^31-element tensor")
+    x[last] = 1.0
+    count = x.numel() // 2
+    dlext._C.set_poison_outputs(False)  # a full poison pass would double the test's time
+    out, mean, invstd = ops.batch_norm(x, None, None, None, None, True, 0.1, 0.0)
+    assert mean[0].item() == 0 and invstd[0].item() == 0  # var == eps == 0: invstd 0, as in torch
+    torch.testing.assert_close(mean[1].item(), 1.0 / count, rtol=1e-5, atol=0)
+    scale = invstd[1].item()
+    torch.testing.assert_close(scale, (count / (1 - 1.0 / count)) ** 0.5, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out[last].float().item(), (1 - 1.0 / count) * scale, rtol=1e-2,
+                               atol=0)
+    del out
+    sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(x, x, mean, invstd, None,
+                                                              [True, False, False])
+    assert sum_dy.tolist() == [0.0, 1.0]
+    torch.testing.assert_close(sum_dy_xmu[1].item(), 1 - 1.0 / count, rtol=1e-6, atol=0)
