@@ -92,6 +92,22 @@ def assert_near(ours, ref, tol, what=""):
     assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
 
 
+def grad_input_condition(x, w, training, eps):
+    """How much rounding in the gradient's inputs grows in grad_input: max |weight| * invstd.
+
+    Training subtracts two means from the gradient and multiplies by invstd; when a channel's
+    variance is tiny (two samples close together) invstd is large and so is every
+    implementation's rounding error, native's included."""
+    if not training or x.numel() == 0:
+        return 1.0
+    dims = [d for d in range(x.dim()) if d != 1]
+    var = x.detach().double().var(dim=dims, unbiased=False)
+    scale = (var + eps).rsqrt()
+    if w is not None:
+        scale = scale * w.detach().double().abs()
+    return max(1.0, scale.max().item())
+
+
 def compare_with_native(x, rm, rv, w, b, training, momentum=0.1, eps=1e-5, grad=None,
                         tol=None):
     """dlext against the float64 reference (tight) and against native in the same dtypes."""
@@ -100,9 +116,10 @@ def compare_with_native(x, rm, rv, w, b, training, momentum=0.1, eps=1e-5, grad=
     ref = run(F.batch_norm, x, rm, rv, w, b, training, momentum, eps, grad, dtype=torch.float64)
     native = run(F.batch_norm, x, rm, rv, w, b, training, momentum, eps, grad)
     names = ["out", "running_mean", "running_var", "grad_input", "grad_weight", "grad_bias"]
-    for name, o, r, n in zip(names, ours, ref, native):
-        assert_near(o, r, tol, name)
-        assert_near(o, n, 2 * tol, name + " vs native")
+    tols = [tol] * 3 + [tol * grad_input_condition(x, w, training, eps), tol, tol]
+    for name, o, r, n, t in zip(names, ours, ref, native, tols):
+        assert_near(o, r, t, name)
+        assert_near(o, n, 2 * t, name + " vs native")
         if o is not None:
             assert o.dtype == n.dtype, name
     return ours, native
