@@ -152,3 +152,31 @@ def run(device: str = "auto") -> int:
                   f"{'pass' if r['gradgradcheck'] else 'FAIL':>15}")
     print("all checks passed" if failures == 0 else f"{failures} check(s) FAILED")
     return 0 if failures == 0 else 1
+
+
+
+def _one_process_group(device: torch.device):
+    """A torch.distributed group of this process alone (nothing initialised globally)."""
+    store = torch.distributed.HashStore()
+    if device.type == "cuda":
+        return torch.distributed.ProcessGroupNCCL(store, 0, 1)
+    return torch.distributed.ProcessGroupGloo(store, 0, 1)
+
+
+_GROUPS: dict = {}
+
+
+def _sync_batch_norm(x, w, b):
+    """dlext.nn.SyncBatchNorm's synchronised path (dlext.sync_batchnorm), in one process."""
+    from dlext.sync_batchnorm import sync_batch_norm
+
+    if x.device not in _GROUPS:
+        _GROUPS[x.device] = _one_process_group(x.device)
+    return sync_batch_norm(x, w, b, *_running_stats(x), 0.1, 1e-5, _GROUPS[x.device])
+
+
+if torch.distributed.is_available() and torch.distributed.is_gloo_available():
+    CHECKS += [
+        Check("sync_batch_norm", _batch_norm_inputs, _sync_batch_norm,
+              lambda x, w, b: F.batch_norm(x, *_running_stats(x), w, b, training=True)),
+    ]
