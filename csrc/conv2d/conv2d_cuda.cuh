@@ -19,7 +19,11 @@
 // NCHW operands are converted to NHWC once on the way in (one read and one write of each).
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+
+#include "conv2d/conv2d_common.h"
 
 namespace dlext {
 namespace conv2d_cuda {
@@ -70,6 +74,18 @@ void igemm_fma(Kind kind, bool vec, const IGemmArgs& args);
 // Sums the split-K partial tiles of a backward-weight GEMM into args.out (fixed order).
 template <typename T>
 void splitk_reduce(const IGemmArgs& args);
+
+// Direct kernels (conv2d_direct_cuda.cu) for one input channel per group: tensors in any strides,
+// results dense NCHW or NHWC as allocated.
+void direct_forward(const Conv2dGeometry& g, const at::Tensor& x, const at::Tensor& w,
+                    const at::Tensor& bias, at::Tensor& y);
+void direct_backward_input(const Conv2dGeometry& g, const at::Tensor& dy, const at::Tensor& w,
+                           at::Tensor& dx);
+void direct_backward_weight(const Conv2dGeometry& g, const at::Tensor& dy, const at::Tensor& x,
+                            at::Tensor& dw);
+
+// db[k] = sum of dy[:, k, :, :] for a dense NCHW or NHWC dy (deterministic two-pass sum).
+void bias_backward(const at::Tensor& dy, at::Tensor& db);
 
 }  // namespace conv2d_cuda
 }  // namespace dlext
