@@ -507,8 +507,11 @@ register_autograd("dlext::batch_norm_backward", BatchNormBackwardFunction.backwa
 
 def _conv2d_channels_last(input, weight) -> bool:
     """The kernels' output layout (csrc/conv2d/conv2d_common.h): channels_last when the input or
-    the weight is laid out so (torch's suggest_memory_format), contiguous for an empty input."""
+    the weight is laid out so (torch's suggest_memory_format), contiguous for an empty input and
+    for float64 on CUDA (as torch's cuDNN convolution)."""
     if input.shape[0] == 0 or input.shape[1] == 0:
+        return False
+    if input.device.type == "cuda" and input.dtype == torch.float64:
         return False
     suggest = torch._prims_common.suggest_memory_format
     return torch.channels_last in (suggest(input), suggest(weight))

@@ -4,7 +4,9 @@ Values are compared with native torch computed in float64 from the same inputs, 
 derived from the rounding of each dtype: |ours - exact| <= eps_out * |exact| (the final rounding)
 + 8 * eps_acc * sum(|terms|) (the accumulation, eps of float for half/bfloat16), where sum(|terms|)
 is the same convolution of absolute values. A wrong index or a missed term changes a result by
-about one term, far beyond that bound at these sizes.
+about one term, far beyond that bound at these sizes. On CUDA, float32 runs with TF32 off (exact
+FMA kernels) unless a test turns it on, and the tensor-core sums of half/bfloat16 get a coarser
+accumulation epsilon (see eps_acc_of).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dlext
 import dlext.functional as DF
 import dlext.nn as DN
-from conftest import DEVICES
+from conftest import CUDA_SKIP, DEVICES
 from helpers import aten_ops_called, assert_no_native, make_layout
 
 ops = torch.ops.dlext
@@ -87,8 +89,24 @@ def eps_of(dtype):
     return torch.finfo(dtype).eps
 
 
-def eps_acc_of(dtype):
+def eps_acc_of(dtype, device="cpu"):
+    """Unit of the accumulation. CUDA tensor cores (float16/bfloat16) add exact products into
+    float32 with truncation rather than rounding, once per 16-deep step, so their error grows
+    with the number of steps; 2^-16 covers sums of thousands of terms while a wrong or missing
+    term (about bound / terms) still exceeds 8 * 2^-16 * bound."""
+    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return 2.0**-16
     return eps_of(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """float32 on CUDA computes exactly (FMA), as with cuDNN, unless a test allows TF32 (the CPU
+    kernels ignore the switch)."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
 
 
 def reference(x, w, b, grad_out, **kw):
@@ -106,18 +124,20 @@ def reference(x, w, b, grad_out, **kw):
     return exact, bound
 
 
-def assert_within_rounding(ours, exact, bound, dtype, what):
+def assert_within_rounding(ours, exact, bound, dtype, what, eps_acc=None):
     assert ours.dtype == dtype, what
     assert ours.shape == exact.shape, what
     if ours.numel() == 0:
         return
+    if eps_acc is None:
+        eps_acc = eps_acc_of(dtype, ours.device)
     err = (ours.double() - exact).abs()
-    tol = eps_of(dtype) * exact.abs() + 8 * eps_acc_of(dtype) * bound + 1e-300
+    tol = eps_of(dtype) * exact.abs() + 8 * eps_acc * bound + 1e-300
     worst = (err / tol).max().item()
     assert worst <= 1, f"{what}: error {err.max().item():.3e} is {worst:.1f}x the rounding bound"
 
 
-def check_against_native(x, w, b, kw, dtype):
+def check_against_native(x, w, b, kw, dtype, eps_acc=None):
     """Forward and all gradients of DF.conv2d against native, plus output strides."""
     xa = x.detach().requires_grad_()
     wa = w.detach().requires_grad_()
@@ -129,13 +149,13 @@ def check_against_native(x, w, b, kw, dtype):
         assert out.stride() == native.stride(), "output layout differs from torch's"
     grad_out = torch.randn(out.shape, device=x.device).to(dtype)
     (y_ex, *g_ex), (y_bd, *g_bd) = reference(x, w, b, grad_out, **kw)
-    assert_within_rounding(out.detach(), y_ex, y_bd, dtype, "output")
+    assert_within_rounding(out.detach(), y_ex, y_bd, dtype, "output", eps_acc)
     out.backward(grad_out)
     names = ["grad_input", "grad_weight", "grad_bias"]
     for name, ours, ex, bd in zip(names, [xa.grad, wa.grad, None if ba is None else ba.grad],
                                   g_ex, g_bd):
         assert ours is not None, name
-        assert_within_rounding(ours, ex, bd, dtype, name)
+        assert_within_rounding(ours, ex, bd, dtype, name, eps_acc)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -557,12 +577,19 @@ def test_runs_on_dlext_kernels_only(device):
                  "aten::slow_conv_dilated2d", "aten::_conv_depthwise2d", "aten::im2col",
                  "aten::col2im", "aten::unfold", "aten::_nnpack_spatial_convolution",
                  "aten::conv_depthwise3d", "aten::cudnn_convolution"}
+    if device == "cuda":  # no cuDNN / MIOpen, and no cuBLAS either
+        forbidden |= {"aten::cudnn_convolution_transpose", "aten::cudnn_convolution_relu",
+                      "aten::cudnn_convolution_add_relu", "aten::miopen_convolution",
+                      "aten::miopen_depthwise_convolution", "aten::mm", "aten::addmm",
+                      "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::_convolution_mode"}
     runs = [((2, 8, 9, 9), (6, 8, 3, 3), {}, torch.float32, "contiguous"),
             ((2, 8, 9, 9), (6, 8, 3, 3), dict(padding="same"), torch.float32, "channels_last"),
             ((3, 8, 5, 5), (6, 8, 1, 1), {}, torch.float32, "channels_last"),
             ((3, 8, 5, 5), (6, 8, 1, 1), {}, torch.float64, "contiguous"),
             ((2, 6, 9, 9), (6, 1, 3, 3), dict(groups=6, stride=2), torch.float32, "contiguous"),
-            ((2, 4, 9, 9), (6, 2, 3, 3), dict(groups=2), torch.bfloat16, "channels_last")]
+            ((2, 4, 9, 9), (6, 2, 3, 3), dict(groups=2), torch.bfloat16, "channels_last"),
+            ((2, 16, 9, 9), (16, 16, 3, 3), dict(padding=1), torch.bfloat16, "channels_last"),
+            ((2, 3, 9, 9), (8, 3, 3, 3), dict(stride=2), torch.float16, "contiguous")]
     for xs, ws, kw, dtype, layout in runs:
         x = make_layout(torch.randn(xs, device=device).to(dtype), layout).requires_grad_()
         w = torch.randn(ws, device=device).to(dtype).requires_grad_()
@@ -627,3 +654,133 @@ def test_input_offsets_past_2_pow_31():
         torch.testing.assert_close(dw, sampled.sum((0, 2, 3)).view(1, -1, 1, 1).expand_as(w),
                                    rtol=1e-4, atol=1e-4)
         del x, sampled
+
+
+# ---------------------------------------------------------------------------------- CUDA kernels
+#
+# Shapes that drive the edges of the CUDA kernels (csrc/conv2d/conv2d_cuda.cu): output channels
+# around the 64 / 128 tiles, 1 or 3 input channels (element-wise gathers), pixel counts that are
+# not a multiple of a tile, 1x1 and 7x7 s2, dilation, stride with backward-data's divisibility
+# rule, groups, depthwise and Cin = 1 (direct kernels), and a backward-weight long enough to be
+# split (split-K). Each in float32 (exact), float64, bfloat16 and float16, NCHW and channels_last.
+CUDA_CASES = {
+    "cout1": dict(x=(2, 16, 9, 11), w=(1, 16, 3, 3), padding=1),
+    "cin3-cout3": dict(x=(3, 3, 17, 19), w=(3, 3, 3, 3), padding=1),
+    "cout65": dict(x=(2, 16, 13, 15), w=(65, 16, 3, 3), padding=1),
+    "cout129-1x1": dict(x=(2, 32, 15, 17), w=(129, 32, 1, 1)),
+    "cin1-cout16-5x5": dict(x=(4, 1, 28, 28), w=(16, 1, 5, 5)),
+    "lenet-conv1-direct": dict(x=(8, 1, 32, 32), w=(6, 1, 5, 5)),
+    "7x7-s2-cin3": dict(x=(2, 3, 45, 47), w=(64, 3, 7, 7), stride=2, padding=3),
+    "3x3-64ch-odd-pixels": dict(x=(3, 64, 29, 31), w=(64, 64, 3, 3), padding=1),
+    "3x3-s2-d2": dict(x=(2, 32, 21, 23), w=(48, 32, 3, 3), stride=2, padding=2, dilation=2),
+    "3x2-s32-d23": dict(x=(2, 16, 25, 26), w=(24, 16, 3, 2), stride=(3, 2), padding=(2, 1),
+                        dilation=(2, 3)),
+    "groups4-16ch": dict(x=(2, 64, 13, 13), w=(64, 16, 3, 3), padding=1, groups=4),
+    "groups3-4ch": dict(x=(2, 12, 11, 9), w=(18, 4, 3, 3), groups=3),
+    "depthwise-x2-s2": dict(x=(2, 32, 14, 14), w=(64, 1, 3, 3), stride=2, padding=1, groups=32),
+    "same-even-4x4": dict(x=(2, 16, 12, 13), w=(16, 16, 4, 4), padding="same"),
+    "splitk-wgrad": dict(x=(8, 16, 32, 32), w=(32, 16, 3, 3), padding=1, bias=False),
+}
+CUDA_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.cuda
+@CUDA_SKIP
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", list(CUDA_CASES))
+def test_cuda_tile_edges_match_native(dtype, layout, name):
+    case = CUDA_CASES[name]
+    x, w, b = make_inputs(case, dtype, "cuda", layout)
+    check_against_native(x, w, b, conv_kwargs(case), dtype)
+
+
+@pytest.mark.cuda
+@CUDA_SKIP
+@pytest.mark.parametrize("name", ["3x3-64ch-odd-pixels", "cout129-1x1", "splitk-wgrad",
+                                  "7x7-s2-cin3"])
+def test_cuda_tf32_follows_torch_switch(name):
+    """torch.backends.cudnn.allow_tf32 (torch's default True for convolutions) selects TF32
+    tensor cores for float32: operands rounded to 10 mantissa bits (eps 2^-10), accumulated in
+    float32. With it False the result is float32-exact; with it True visibly coarser."""
+    case = CUDA_CASES[name]
+    x, w, b = make_inputs(case, torch.float32, "cuda", "channels_last")
+    kw = conv_kwargs(case)
+    torch.backends.cudnn.allow_tf32 = True
+    check_against_native(x, w, b, kw, torch.float32, eps_acc=2.0**-10)
+    tf32 = DF.conv2d(x, w, b, **kw)
+    torch.backends.cudnn.allow_tf32 = False
+    exact = DF.conv2d(x, w, b, **kw)
+    reference = F.conv2d(x.double(), w.double(), None if b is None else b.double(), **kw)
+    tf32_err = (tf32.double() - reference).abs().max().item()
+    exact_err = (exact.double() - reference).abs().max().item()
+    assert tf32_err > 4 * exact_err, (tf32_err, exact_err)
+
+
+@pytest.mark.cuda
+@CUDA_SKIP
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_cuda_gradients_are_deterministic(dtype):
+    """Split-K weight gradients, bias sums and everything else: bit-identical across runs."""
+    torch.backends.cudnn.allow_tf32 = True
+    cl = torch.channels_last
+    x = torch.randn(16, 32, 28, 28, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+    w = torch.randn(48, 32, 3, 3, device="cuda", dtype=dtype)
+    g = torch.randn(16, 48, 28, 28, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1, [True, True, True])
+    first = ops.conv2d_backward(g, x, w, *args)
+    for _ in range(3):
+        again = ops.conv2d_backward(g, x, w, *args)
+        assert all(torch.equal(a, c) for a, c in zip(first, again))
+
+
+@pytest.mark.cuda
+@CUDA_SKIP
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), groups=st.integers(1, 3), cg=st.sampled_from([1, 2, 3, 4, 8, 16]),
+       kg=st.sampled_from([1, 3, 8, 9, 16, 24]), h=st.integers(1, 12), w=st.integers(1, 20),
+       r=st.integers(1, 4), s=st.integers(1, 4),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       padding=st.tuples(st.integers(0, 3), st.integers(0, 3)), bias=st.booleans(),
+       layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_cuda_hypothesis_matches_native(n, groups, cg, kg, h, w, r, s, stride, dilation, padding,
+                                        bias, layout, dtype, seed):
+    """Random parameters over the CUDA paths: vector and element-wise gathers, every tile."""
+    torch.manual_seed(seed)
+    x = make_layout(torch.randn(n, groups * cg, h, w, device="cuda").to(dtype), layout)
+    wt = torch.randn(groups * kg, cg, r, s, device="cuda").to(dtype)
+    b = torch.randn(groups * kg, device="cuda").to(dtype) if bias else None
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if any((size + 2 * p - d * (k - 1) - 1) < 0
+           for size, p, d, k in zip((h, w), padding, dilation, (r, s))):
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+            DF.conv2d(x, wt, b, **kw)
+        return
+    check_against_native(x, wt, b, kw, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.bigmem
+@CUDA_SKIP
+def test_cuda_input_offsets_past_2_pow_31():
+    """64-bit offsets in the CUDA gathers: a channels_last input of more than 2^31 elements of
+    which only sampled pixels are ever read (1x1 kernel, stride 1024)."""
+    stride = 1024
+    try:
+        x = torch.empty(1, 8, 2**14 + 3, 2**14 + 5, device="cuda",
+                        memory_format=torch.channels_last)
+    except RuntimeError:
+        pytest.skip("cannot allocate a 2^31-element tensor")
+    assert x.numel() > 2**31
+    sampled = x[:, :, ::stride, ::stride]
+    sampled.copy_(torch.randn(sampled.shape, device="cuda"))
+    w = torch.randn(3, 8, 1, 1, device="cuda")
+    out = DF.conv2d(x, w, stride=stride)
+    torch.testing.assert_close(out, F.conv2d(sampled.contiguous(), w), rtol=1e-5, atol=1e-5)
+    dw = ops.conv2d_backward(torch.ones_like(out), x, w, [stride] * 2, [0] * 4, [1, 1], 1,
+                             [False, True, False])[1]
+    torch.testing.assert_close(dw, sampled.sum((0, 2, 3)).view(1, -1, 1, 1).expand_as(w),
+                               rtol=1e-4, atol=1e-4)

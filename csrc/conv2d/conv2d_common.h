@@ -1,4 +1,4 @@
-// Conv2d geometry and argument checks shared by every conv2d kernel (CPU now, CUDA later): the
+// Conv2d geometry and argument checks shared by every conv2d kernel (CPU and CUDA): the
 // errors torch raises, in torch's words where it has good ones, and the one rule that picks the
 // memory format of the outputs (the fake kernels in dlext/autograd.py apply the same rule).
 #pragma once
@@ -43,9 +43,11 @@ inline bool suggests_channels_last(const at::Tensor& t) {
 }
 
 // The output layout: channels_last when the input or the weight is laid out channels_last (as
-// torch's CPU convolution decides), contiguous for an empty input (as torch's empty backend).
+// torch's convolution decides), contiguous for an empty input (as torch's empty backend) and for
+// float64 on CUDA (torch's cuDNN convolution keeps float64 in NCHW).
 inline bool conv2d_uses_channels_last(const at::Tensor& input, const at::Tensor& weight) {
   if (input.size(0) == 0 || input.size(1) == 0) return false;
+  if (input.is_cuda() && input.scalar_type() == at::kDouble) return false;
   return suggests_channels_last(input) || suggests_channels_last(weight);
 }
 
