@@ -26,6 +26,12 @@ def _fmt(v, spec):
     return "" if v is None else format(v, spec)
 
 
+def _images(row: dict) -> str:
+    if row.get("images_per_s") is None:
+        return ""
+    return f"{row['images_per_s']:.0f} / {row['native_images_per_s']:.0f}"
+
+
 def markdown(doc: dict) -> str:
     m = doc["meta"]
     lines = [
@@ -36,17 +42,19 @@ def markdown(doc: dict) -> str:
         + "".join(f"; {k} matmul: {v:.2f} TFLOP/s" for k, v in m.get("matmul_tflops", {}).items()),
         f"- reproduce: `{m['command']}`",
         "- speedup = native time / dlext time, both medians of interleaved runs in this run;"
-        " % roof = achieved GB/s of the copy bandwidth (memory-bound) or TFLOP/s of the matmul rate",
+        " % roof = achieved GB/s of the copy bandwidth (memory-bound) or TFLOP/s of the matmul rate;"
+        " images/s for end-to-end training steps (dlext / native)",
         "",
-        "| op | case | mode | dlext ms | native ms | speedup | target | GB/s | TFLOP/s | % roof |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| op | case | mode | dlext ms | native ms | speedup | target | GB/s | TFLOP/s | % roof"
+        " | images/s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["rows"]:
         target = "" if r["target"] is None else f"≥{r['target']:.2f}x " + ("✓" if r["meets_target"] else "✗")
         lines.append(
             f"| {r['op']} | {r['label']} | {r['mode']} | {r['dlext_ms']:.3f} | {r['native_ms']:.3f}"
             f" | {r['speedup']:.2f}x | {target} | {_fmt(r['gbps'], '.1f')} | {_fmt(r['tflops'], '.2f')}"
-            f" | {_fmt(r['pct_roof'], '.0f')} |")
+            f" | {_fmt(r['pct_roof'], '.0f')} | {_images(r)} |")
     return "\n".join(lines) + "\n"
 
 

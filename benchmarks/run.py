@@ -39,6 +39,9 @@ def run_case(case, device, meta, budget) -> dict:
            "native_ms": t["native"] * 1e3, "speedup": speedup, "target": case.target,
            "meets_target": None if case.target is None else speedup >= case.target,
            "gbps": None, "tflops": None, "pct_roof": None}
+    if case.extra.get("images"):
+        row["images_per_s"] = case.extra["images"] / t["dlext"]
+        row["native_images_per_s"] = case.extra["images"] / t["native"]
     if case.bytes_moved:
         row["gbps"] = case.bytes_moved / t["dlext"] / 1e9
         if case.roofline == "copy":
@@ -108,7 +111,9 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{row['op']:>14} {row['label']:<32} {row['mode']:<8} dlext {row['dlext_ms']:9.3f} ms"
                       f"  native {row['native_ms']:9.3f} ms  x{row['speedup']:.2f}"
-                      + (f"  {row['pct_roof']:.0f}% roof" if row["pct_roof"] is not None else ""),
+                      + (f"  {row['pct_roof']:.0f}% roof" if row["pct_roof"] is not None else "")
+                      + (f"  {row['images_per_s']:.0f} vs {row['native_images_per_s']:.0f} images/s"
+                         if row.get("images_per_s") else ""),
                       flush=True)
         base = report.write(args.out, meta, rows)
         print(f"wrote {base}.json, .md, .png")
