@@ -133,8 +133,11 @@ def test_gradcheck_and_gradgradcheck(device, seed, cfg):
     n = torch.Size(cfg[0]).numel()
     x = (torch.randperm(n, device=device).double() / n).view(cfg[0]).requires_grad_()
     f = lambda t: call(DF.max_pool2d, t, cfg)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (x,))
-    assert torch.autograd.gradgradcheck(f, (x,))
+    # Past a few hundred elements the full Jacobians cost minutes; torch's fast mode checks
+    # random projections of them instead (the same failures, with high probability).
+    fast = n > 200
+    assert torch.autograd.gradcheck(f, (x,), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(f, (x,), fast_mode=fast)
 
 
 @pytest.mark.parametrize("device", DEVICES)
