@@ -122,6 +122,22 @@ def test_module_is_a_drop_in_for_torch_sync_batch_norm(kwargs):
         torch.testing.assert_close(a.grad, b.grad, **tol)
 
 
+def test_swap_layers_turns_sync_batch_norm_into_dlext_and_back():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SyncBatchNorm(4),
+                                torch.nn.ModuleDict({"bn": torch.nn.SyncBatchNorm(4)}))
+    bn = model[1]
+    twin = copy.deepcopy(model)
+    dlext.swap_layers(model)
+    assert model[1] is bn and type(bn) is DN.SyncBatchNorm
+    assert type(model[2]["bn"]) is DN.SyncBatchNorm
+    assert model.dlext_swapped["1"] == "SyncBatchNorm"
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(model[2]["bn"](model[:2](x)), twin[2]["bn"](twin[:2](x)),
+                               rtol=1e-5, atol=1e-5)
+    dlext.restore_layers(model)
+    assert type(bn) is torch.nn.SyncBatchNorm
+
+
 def test_module_errors_like_torch():
     ours, theirs = DN.SyncBatchNorm(3), torch.nn.SyncBatchNorm(3)
     for x in (torch.randn(3), torch.randn(4, 0, 5), torch.randn(1, 3)):
