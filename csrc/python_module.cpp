@@ -4,6 +4,7 @@
 
 #include "build_config.h"
 #include "common/outputs.h"
+#include "cross_entropy/cross_entropy_check.h"
 
 namespace {
 
@@ -27,11 +28,20 @@ PyObject* set_poison_outputs(PyObject* /*self*/, PyObject* arg) {
   return PyBool_FromLong(previous);
 }
 
+PyObject* set_cross_entropy_check_targets(PyObject* /*self*/, PyObject* arg) {
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) return nullptr;
+  return PyBool_FromLong(dlext::set_cross_entropy_check_targets(enabled != 0));
+}
+
 PyMethodDef methods[] = {
     {"build_info", build_info, METH_NOARGS, "How this dlext binary was built."},
     {"set_poison_outputs", set_poison_outputs, METH_O,
      "Fill every new kernel output with NaN / all-ones bits first (for tests); returns the old "
      "setting."},
+    {"set_cross_entropy_check_targets", set_cross_entropy_check_targets, METH_O,
+     "Whether the CUDA cross_entropy operators raise on out-of-range class indices (a host "
+     "synchronisation per call); returns the old setting."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -11,17 +11,13 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dlext
 import dlext.functional as DF
 import dlext.nn as DN
-from conftest import CUDA_SKIP
+from conftest import DEVICES
 from helpers import aten_ops_called, assert_no_native, make_layout
 
 ops = torch.ops.dlext
-# conftest's DEVICES, with CUDA also waiting for a CUDA kernel of this op (issue 4 adds it).
-CUDA_KERNEL_SKIP = pytest.mark.skipif(
-    not torch._C._dispatch_has_kernel_for_dispatch_key("dlext::cross_entropy", "CUDA"),
-    reason="dlext has no CUDA kernel for cross_entropy yet")
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA_SKIP, CUDA_KERNEL_SKIP])]
 REDUCTIONS = ["none", "mean", "sum"]
 # (C,), (N, C) with C above and below the small-row threshold, and spatial shapes whose positions
 # fill part of a vector (7), several (20, 45) or sit behind a permuted layout (channels_last).
@@ -663,6 +659,7 @@ def test_swap_in_a_training_step():
 
 # ----------------------------------------------------------------------------- properties
 
+@pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(0, 9), c=st.integers(1, 70), spatial=st.lists(st.integers(1, 6), max_size=2),
@@ -671,18 +668,18 @@ def test_swap_in_a_training_step():
     reduction=st.sampled_from(REDUCTIONS),
     label_smoothing=st.sampled_from([0.0, 0.05, 0.5, 1.0]), seed=st.integers(0, 2**16),
 )
-def test_matches_native_on_random_configurations(n, c, spatial, layout, probs, weighted,
+def test_matches_native_on_random_configurations(device, n, c, spatial, layout, probs, weighted,
                                                  ignore_valid, reduction, label_smoothing, seed):
     torch.manual_seed(seed)
     shape = (n, c, *spatial)
-    x = make_layout(logits(shape, torch.float64, "cpu"), layout)
+    x = make_layout(logits(shape, torch.float64, device), layout)
     ignore_index = c // 2 if ignore_valid else -100
     if probs:
-        target = prob_target(shape, torch.float64, "cpu").requires_grad_()
+        target = prob_target(shape, torch.float64, device).requires_grad_()
         ignore_index = -100
     else:
-        target = index_target(shape, "cpu", ignore_index, ignored=0.3)
-    weight = torch.rand(c, dtype=torch.float64) + 0.1 if weighted else None
+        target = index_target(shape, device, ignore_index, ignored=0.3)
+    weight = torch.rand(c, dtype=torch.float64, device=device) + 0.1 if weighted else None
     assert_matches(x, target, TOL[torch.float64], weight=weight, ignore_index=ignore_index,
                    reduction=reduction, label_smoothing=label_smoothing)
 
@@ -693,3 +690,236 @@ def test_selfcheck_lists_cross_entropy():
     assert checks
     for check in checks:
         assert run_check(check, torch.device("cpu"))["ok"]
+
+
+def test_check_targets_option_toggles():
+    """dlext.cross_entropy_check_targets sets the CUDA operators' host check and returns the
+    previous setting; the CPU operators check whatever it says (their check costs nothing)."""
+    previous = dlext.cross_entropy_check_targets(False)
+    try:
+        assert dlext.cross_entropy_check_targets(False) is False
+        with pytest.raises(IndexError, match="Target 7 is out of bounds"):
+            DF.cross_entropy(torch.randn(2, 5), torch.tensor([1, 7]))
+    finally:
+        assert dlext.cross_entropy_check_targets(previous) is False
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+# The device-parametrised tests above run the CUDA kernels too; these aim at what only the CUDA
+# kernels have (cross_entropy_cuda_kernels.cuh): each row walk (8 or 32 lanes per row, a block
+# per row, a long row split over blocks and merged, one thread per row), 16-byte packs with a
+# head for misaligned rows and their element-wise fallback, the host check of the targets.
+
+CUDA_ONLY = [pytest.param("cuda", marks=DEVICES[1].marks)]
+LOW_TOL = {torch.bfloat16: dict(rtol=2e-2, atol=2e-3), torch.float16: dict(rtol=2e-3, atol=2e-4)}
+
+
+def _misaligned(shape, dtype, device):
+    """Random logits in a view whose storage starts one element past a 16-byte boundary."""
+    buf = logits((math.prod(shape) + 1,), dtype, device)
+    return buf[1:].view(shape)
+
+
+def _assert_matches_float64(x, target, dtype, **kw):
+    """dlext in `dtype` against native in float64 on the same values, rounded to `dtype`."""
+    tol = TOL.get(dtype) or LOW_TOL[dtype]
+    loss, grads, grad = run(DF.cross_entropy, x, target, **kw)
+    t64 = target.detach().double().requires_grad_(target.requires_grad) \
+        if target.is_floating_point() else target
+    kw64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref, ref_grads, _ = run(F.cross_entropy, x.double(), t64, grad=grad.double(), **kw64)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref, equal_nan=True, **tol)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), r, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(600, 32768), (3, 32768), (2, 262144), (700, 2500)])
+def test_cuda_long_rows(device, dtype, shape):
+    """A block per row (600 x 32768, 700 x 2500 in float32), long rows of a small batch split over
+    several blocks and merged (3 x 32768, 2 x 262144): class indices with smoothing and weights,
+    and probabilities."""
+    x = logits(shape, dtype, device)
+    w = torch.rand(shape[1], device=device, dtype=dtype) + 0.5
+    target = index_target(shape, device)
+    for kw in (dict(), dict(weight=w, label_smoothing=0.1, reduction="sum"),
+               dict(reduction="none", label_smoothing=0.2)):
+        _assert_matches_float64(x, target, dtype, **kw)
+    y = prob_target(shape, dtype, device).requires_grad_()
+    _assert_matches_float64(x, y, dtype, weight=w, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(13, 1001), (5, 4099), (3, 13, 7), (97, 7)])
+def test_cuda_misaligned_storage(device, dtype, shape):
+    """Views starting one element past a 16-byte boundary with odd C: every row takes its own head
+    before the packs (the forward reads x alone; the backward's gradient is aligned, so it walks
+    element by element)."""
+    x = _misaligned(shape, dtype, device)
+    target = index_target(shape, device)
+    w = torch.rand(shape[1], device=device, dtype=dtype) + 0.5
+    for kw in (dict(), dict(weight=w, label_smoothing=0.1), dict(reduction="none")):
+        _assert_matches_float64(x, target, dtype, **kw)
+    y = _misaligned(shape, dtype, device).softmax(1).requires_grad_()
+    _assert_matches_float64(x, y, dtype, label_smoothing=0.3, reduction="sum")
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,layout", [((4, 37, 33, 31), "contiguous"),
+                                          ((4, 37, 33, 31), "channels_last"),
+                                          ((2, 21, 5, 7), "contiguous"),
+                                          ((1500, 50), "transposed"),
+                                          ((8, 19, 300), "strided")])
+def test_cuda_spatial_and_strided_inputs(device, dtype, shape, layout):
+    """One thread per row where the rows, not the classes, are adjacent (NCHW maps, transposed
+    logits); class-contiguous rows (channels_last); teams over strided classes (few rows, or
+    gaps)."""
+    x = make_layout(logits(shape, dtype, device), layout)
+    target = index_target(shape, device)
+    for kw in (dict(label_smoothing=0.1), dict(reduction="none",
+                                               weight=torch.rand(shape[1], device=device,
+                                                                 dtype=dtype) + 0.5)):
+        _assert_matches_float64(x, target, dtype, **kw)
+    y = make_layout(prob_target(shape, dtype, device), layout).requires_grad_()
+    _assert_matches_float64(x, y, dtype)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("shape", [(4099, 13), (3, 262144), (64, 5000), (4, 37, 33, 31)])
+def test_cuda_bitwise_reproducible(device, shape):
+    """Fixed-order reductions, no floating-point atomics: two runs agree bit for bit."""
+    x = logits(shape, torch.float32, device)
+    target = index_target(shape, device)
+    y = prob_target(shape, torch.float32, device)
+    w = torch.rand(shape[1], device=device) + 0.5
+
+    def once():
+        xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+        ws = w.clone().requires_grad_()
+        a = DF.cross_entropy(xs, target, weight=w, label_smoothing=0.1)
+        b = DF.cross_entropy(xs, ys, weight=ws, reduction="sum")
+        _, lse, tw = ops.cross_entropy(x, target, w, 1, -100, 0.1)
+        return [a, b, lse, tw, *torch.autograd.grad(a + b, [xs, ys, ws])]
+
+    for u, v in zip(once(), once()):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_out_of_range_target_raises_and_context_survives(device):
+    for shape in [(5, 7), (5, 3000), (2, 70000), (2, 7, 40, 40)]:
+        x = logits(shape, torch.float32, device).requires_grad_()
+        for bad in (shape[1], -1):
+            target = index_target(shape, device, ignored=0)
+            target.view(-1)[-2] = bad
+            for kw in (dict(), dict(reduction="none", label_smoothing=0.1)):
+                with pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+                    DF.cross_entropy(x, target, **kw)
+    # The raw backward checks its own targets.
+    x = logits((6, 9), torch.float32, device)
+    t = index_target(x.shape, device)
+    _, lse, tw = ops.cross_entropy(x, t, None, 1, -100, 0.0)
+    t[3] = 9
+    with pytest.raises(IndexError, match="Target 9 is out of bounds"):
+        ops.cross_entropy_backward(torch.ones((), device=device), x, t, None, lse, tw, 1, -100,
+                                   0.0, [True, False, False])
+    # The context is still usable.
+    torch.cuda.synchronize()
+    t[3] = 2
+    assert torch.isfinite(DF.cross_entropy(x, t)).item()
+    # Unchecked: no error, nothing read out of bounds, NaN for the bad row.
+    previous = dlext.cross_entropy_check_targets(False)
+    try:
+        t[3] = 1000
+        loss = DF.cross_entropy(x, t, reduction="none")
+        assert loss[3].isnan() and torch.isfinite(loss[torch.arange(6, device=device) != 3]).all()
+        xr = x.clone().requires_grad_()
+        DF.cross_entropy(xr, t).backward()
+        assert xr.grad[3].isnan().all() and torch.isfinite(xr.grad[:3]).all()
+    finally:
+        dlext.cross_entropy_check_targets(previous)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_device_mismatch_errors(device):
+    x = torch.randn(4, 5, device=device)
+    t = torch.randint(5, (4,), device=device)
+    w = torch.rand(5, device=device)
+    _, lse, tw = ops.cross_entropy(x, t, w, 1, -100, 0.0)
+    mask = [True, False, False]
+    cases = {
+        "'target' is on cpu": lambda: ops.cross_entropy(x, t.cpu(), w, 1, -100, 0.0),
+        "'weight' is on cpu": lambda: ops.cross_entropy(x, t, w.cpu(), 1, -100, 0.0),
+        "'input' is on cpu and 'target' is on cuda": lambda: ops.cross_entropy(x.cpu(), t, None,
+                                                                              1, -100, 0.0),
+        "'grad_output' is on cpu": lambda: ops.cross_entropy_backward(
+            torch.ones(()), x, t, w, lse, tw, 1, -100, 0.0, mask),
+        "'lse' is on cpu": lambda: ops.cross_entropy_backward(
+            torch.ones((), device=device), x, t, w, lse.cpu(), tw, 1, -100, 0.0, mask),
+        "'total_weight' is on cpu": lambda: ops.cross_entropy_backward(
+            torch.ones((), device=device), x, t, w, lse, tw.cpu(), 1, -100, 0.0, mask),
+    }
+    for message, call in cases.items():
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    with pytest.raises(RuntimeError, match="'target' is on cpu"):
+        DF.cross_entropy(x, t.cpu())
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_side_stream_and_graph_capture(device):
+    """Kernels run on the current stream: on a side stream, and captured into a CUDA graph (the
+    target check, a host synchronisation, is skipped while capturing) whose replay recomputes."""
+    x = logits((64, 1000), torch.float32, device).requires_grad_()
+    t = index_target(x.shape, device)
+    ref_loss = F.cross_entropy(x, t, label_smoothing=0.1)
+    (ref_grad,) = torch.autograd.grad(ref_loss, x)
+
+    def step():
+        loss = DF.cross_entropy(x, t, label_smoothing=0.1)
+        return loss, torch.autograd.grad(loss, x)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        loss, grad = step()  # warm-up before capture, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(grad, ref_grad)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_loss, g_grad = step()
+    with torch.no_grad():
+        x.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_loss = F.cross_entropy(x, t, label_smoothing=0.1)
+    (ref_grad,) = torch.autograd.grad(ref_loss, x)
+    torch.testing.assert_close(g_loss, ref_loss)
+    torch.testing.assert_close(g_grad, ref_grad)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_peak_memory_below_native(device):
+    """Forward + backward keeps nothing N x C but the gradient: native keeps log_softmax too."""
+    x = logits((2048, 32768), torch.float32, device).requires_grad_()  # 256 MiB
+    t = index_target(x.shape, device)
+
+    def extra_peak(fn):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        (grad,) = torch.autograd.grad(fn(x, t), x)
+        del grad
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    ours, native = extra_peak(DF.cross_entropy), extra_peak(F.cross_entropy)
+    n_c = x.numel() * x.element_size()
+    assert ours <= 1.1 * n_c < native

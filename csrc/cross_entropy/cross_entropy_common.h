@@ -83,6 +83,19 @@ inline bool ce_grad_keeps_input_layout(const at::Tensor& x) {
   return x.numel() > 0 && ce_layout(x) != CELayout::kNone && x.is_non_overlapping_and_dense();
 }
 
+// Class indices as the kernels read them: int64 of shape (N, D) (uint8 targets are widened).
+inline at::Tensor index_targets(const at::Tensor& target, int64_t N, int64_t D) {
+  const at::Tensor t = target.reshape({N, D});
+  return t.scalar_type() == at::kLong ? t : t.to(at::kLong);
+}
+
+// The class weights as the kernels read them: C contiguous values of the accumulation dtype.
+inline at::Tensor weights_in_acc(const std::optional<at::Tensor>& weight,
+                                 const at::Tensor& input) {
+  if (!weight.has_value() || !weight->defined()) return {};
+  return weight->to(at::toOpMathType(input.scalar_type())).contiguous();
+}
+
 // torch's shape and dtype rules for class-index targets (nll_loss_nd's), in its words.
 inline void check_class_index_target(const at::Tensor& input, const at::Tensor& target) {
   TORCH_CHECK_VALUE(input.dim() >= 1, "Expected 1 or more dimensions (got ", input.dim(), ")");

@@ -94,17 +94,6 @@ CEArgs<scalar_t> make_args(const at::Tensor& x, const at::Tensor& t, const at::T
   return A;
 }
 
-// Class indices as the kernels read them: int64 of shape (N, D) (uint8 targets are widened).
-at::Tensor index_targets(const at::Tensor& target, int64_t N, int64_t D) {
-  const at::Tensor t = target.reshape({N, D});
-  return t.scalar_type() == at::kLong ? t : t.to(at::kLong);
-}
-
-at::Tensor weights_in_acc(const std::optional<at::Tensor>& weight, const at::Tensor& input) {
-  if (!weight.has_value() || !weight->defined()) return {};
-  return weight->to(at::toOpMathType(input.scalar_type())).contiguous();
-}
-
 // Blocks of the forward: kCERowsPerBlock rows, or kCEPlaneBlock positions of one batch entry.
 struct Blocks {
   int64_t count, per_n, size;
