@@ -15,6 +15,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -80,12 +81,12 @@ void forward_nchw(const scalar_t* in, scalar_t* out, int64_t* idx, const Pool2d&
 
 // The flat input index of every tap of one output pixel's (clamped) window, in scan order
 // (row-major, so the first maximum wins ties as in torch). Returns the number of taps.
-inline int64_t window_taps(const Pool2d& p, int64_t oh, int64_t ow, std::vector<int64_t>& taps) {
-  taps.clear();
+inline int64_t window_taps(const Pool2d& p, int64_t oh, int64_t ow, int64_t* taps) {
+  int64_t n = 0;
   for (int64_t h = p.h_begin(oh); h < p.h_end(oh); h += p.dh) {
-    for (int64_t w = p.w_begin(ow); w < p.w_end(ow); w += p.dw) taps.push_back(h * p.in_w + w);
+    for (int64_t w = p.w_begin(ow); w < p.w_end(ow); w += p.dw) taps[n++] = h * p.in_w + w;
   }
-  return static_cast<int64_t>(taps.size());
+  return n;
 }
 
 // Channels_last: for each output pixel, channels in vectors (8 floats with AVX2): the running
@@ -102,28 +103,36 @@ void forward_channels_last(const scalar_t* in, scalar_t* out, int64_t* idx, cons
   const int64_t pixels = p.batch * p.out_h * p.out_w;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C * p.kh * p.kw));
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> taps;
+    std::vector<int64_t> taps(p.kh * p.kw);  // a window has at most kh * kw taps
     acc_t ordinal[Vec::size()];
     for (int64_t px = begin; px < end; ++px) {
       const int64_t n = px / (p.out_h * p.out_w);
-      const int64_t nt = window_taps(p, (px / p.out_w) % p.out_h, px % p.out_w, taps);
+      const int64_t nt = window_taps(p, (px / p.out_w) % p.out_h, px % p.out_w, taps.data());
       const scalar_t* src = in + n * plane * C;
       scalar_t* dst = out + px * C;
       int64_t* dst_idx = idx + px * C;
       int64_t c = 0;
       if constexpr (kVector) {
-        for (; c + Vec::size() <= C; c += Vec::size()) {
+        // Full vectors, then the last C % 8 channels as one partial vector (LeNet's C = 6).
+        for (; c < C; c += Vec::size()) {
+          const int64_t cnt = std::min<int64_t>(Vec::size(), C - c);
+          const bool full = cnt == Vec::size();
           Vec best(lowest<acc_t>());
           Vec arg(acc_t(0));
           for (int64_t t = 0; t < nt; ++t) {
-            const Vec v = Vec::loadu(src + taps[t] * C + c);
+            const scalar_t* at_tap = src + taps[t] * C + c;
+            const Vec v = full ? Vec::loadu(at_tap) : Vec::loadu(at_tap, cnt);
             const Vec take = (v > best) | v.isnan();
             best = Vec::blendv(best, v, take);
             arg = Vec::blendv(arg, Vec(static_cast<acc_t>(t)), take);
           }
-          best.store(dst + c);
+          if (full) {
+            best.store(dst + c);
+          } else {
+            best.store(dst + c, cnt);
+          }
           arg.store(ordinal);
-          for (int64_t k = 0; k < Vec::size(); ++k) {
+          for (int64_t k = 0; k < cnt; ++k) {
             dst_idx[c + k] = nt ? taps[static_cast<int64_t>(ordinal[k])] : -1;
           }
         }
