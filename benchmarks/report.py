@@ -19,6 +19,10 @@ def merge(path: str, meta: dict, rows: list[dict]) -> dict:
         with open(path) as f:
             old = json.load(f)
         old_rows = [r for r in old.get("rows", []) if r["op"] not in ops]
+        if old_rows:  # every command whose rows the file still holds, oldest first
+            earlier = old["meta"].get("commands", [old["meta"]["command"]])
+            meta = {**meta, "commands": [c for c in earlier if c != meta["command"]]
+                    + [meta["command"]]}
     return {"meta": meta, "rows": old_rows + rows}
 
 
@@ -40,7 +44,7 @@ def markdown(doc: dict) -> str:
         f"- torch {m['torch']}, dlext {m['dlext']}, {m['threads']} CPU threads, {m['date']}",
         f"- measured copy bandwidth: {m['copy_gbps']:.1f} GB/s"
         + "".join(f"; {k} matmul: {v:.2f} TFLOP/s" for k, v in m.get("matmul_tflops", {}).items()),
-        f"- reproduce: `{m['command']}`",
+        "- reproduce: " + "; then ".join(f"`{c}`" for c in m.get("commands", [m["command"]])),
         "- speedup = native time / dlext time, both medians of interleaved runs in this run;"
         " % roof = achieved GB/s of the copy bandwidth (memory-bound) or TFLOP/s of the matmul rate;"
         " images/s for end-to-end training steps (dlext / native)",
