@@ -20,6 +20,7 @@
 
 #include "common/outputs.h"
 #include "cross_entropy/cross_entropy_common.h"
+#include "cross_entropy/cross_entropy_grads.h"
 #include "cross_entropy/cross_entropy_cpu_args.h"
 #include "cross_entropy/cross_entropy_cpu_flat.h"
 #include "cross_entropy/cross_entropy_cpu_lanes.h"
@@ -302,21 +303,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_backward_cpu(
       label_smoothing, output_mask, "dlext::cross_entropy_backward");
   const int64_t N = p.N, C = p.C, D = p.D;
   const bool prob = p.kind == CETarget::kProbabilities;
-  // Gradients in the input's layout where a kernel walks it as it is, else class-contiguous;
-  // computed on the (N, C, D) view and returned in the input's shape.
   at::Tensor x = input.reshape({N, C, D});
-  const bool keep = ce_grad_keeps_input_layout(x);
-  auto new_grad = [&] {
-    if (x.numel() == 0) return new_empty({N, C, D}, input.options());
-    return keep ? new_empty_like(x) : new_empty({N, D, C}, input.options()).transpose(1, 2);
-  };
-  at::Tensor gx = output_mask[0] ? new_grad() : at::Tensor();
-  at::Tensor gy = output_mask[1] ? new_grad() : at::Tensor();
-  at::Tensor gw = output_mask[2] ? new_empty({C}, input.options()) : at::Tensor();
-  auto in_user_shapes = [&] {
-    return std::make_tuple(gx.defined() ? gx.reshape(input.sizes()) : gx,
-                           gy.defined() ? gy.reshape(target.sizes()) : gy, gw);
-  };
+  CEGrads grads = ce_new_grads(x, output_mask);  // cross_entropy_grads.h
+  const bool keep = grads.keep;
+  at::Tensor &gx = grads.input, &gy = grads.target, &gw = grads.weight;
+  auto in_user_shapes = [&] { return grads.in_user_shapes(input, target); };
   if (!(output_mask[0] || output_mask[1] || output_mask[2])) return {gx, gy, gw};
   if (x.numel() == 0) {
     if (gw.defined()) gw.zero_();
