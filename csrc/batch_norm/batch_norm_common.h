@@ -105,4 +105,24 @@ inline void check_bn_grad_output(const at::Tensor& input, const at::Tensor& grad
   check_same_dtype(input, grad_output, op, "input", "grad_output");
 }
 
+// The arguments of the fused dlext::batch_norm, checked as torch checks native_batch_norm's.
+inline void check_batch_norm_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& running_mean,
+                                  const std::optional<at::Tensor>& running_var, bool training,
+                                  const char* op) {
+  check_bn_input(input, op);
+  if (!training) {
+    TORCH_CHECK(bn_defined(running_mean), op, ": running_mean must be defined in evaluation mode");
+    TORCH_CHECK(bn_defined(running_var), op, ": running_var must be defined in evaluation mode");
+  }
+  TORCH_CHECK_VALUE(bn_defined(running_mean) == bn_defined(running_var), op,
+                    ": running_mean and running_var must either both be None or neither be None");
+  std::optional<at::ScalarType> param_dtype;
+  check_bn_param(input, running_mean, op, "running_mean", param_dtype);
+  check_bn_param(input, running_var, op, "running_var", param_dtype);
+  check_bn_param(input, weight, op, "weight", param_dtype);
+  check_bn_param(input, bias, op, "bias", param_dtype);
+}
+
 }  // namespace dlext

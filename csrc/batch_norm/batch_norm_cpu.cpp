@@ -248,18 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
     const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
     double eps) {
   constexpr const char* op = "dlext::batch_norm";
-  check_bn_input(input, op);
-  if (!training) {
-    TORCH_CHECK(bn_defined(running_mean), op, ": running_mean must be defined in evaluation mode");
-    TORCH_CHECK(bn_defined(running_var), op, ": running_var must be defined in evaluation mode");
-  }
-  TORCH_CHECK_VALUE(bn_defined(running_mean) == bn_defined(running_var), op,
-                    ": running_mean and running_var must either both be None or neither be None");
-  std::optional<at::ScalarType> param_dtype;
-  check_bn_param(input, running_mean, op, "running_mean", param_dtype);
-  check_bn_param(input, running_var, op, "running_var", param_dtype);
-  check_bn_param(input, weight, op, "weight", param_dtype);
-  check_bn_param(input, bias, op, "bias", param_dtype);
+  check_batch_norm_args(input, weight, bias, running_mean, running_var, training, op);
 
   const DenseInput in = dense_input(input);
   const at::ScalarType acc = bn_acc_dtype(input.scalar_type());
