@@ -176,6 +176,7 @@ def _max_pool2d_backward_fake(grad_output, indices, input_size, kernel_size, str
 
 def _max_pool2d_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd fills an int64 zero "gradient" of the indices
     ctx.save_for_backward(output[1])
     ctx.geometry = (list(inputs[0].shape), *inputs[1:])  # input_size, kernel, stride, ..., ceil
 
@@ -192,6 +193,8 @@ class MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, grad_indices):
+        if grad_output is None:
+            return None, None, None, None, None, None
         (indices,) = ctx.saved_tensors
         grad_input = _differentiable(MaxPool2dBackwardFunction, ops.max_pool2d_backward.default,
                                      grad_output, indices, *ctx.geometry)

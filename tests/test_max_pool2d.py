@@ -100,6 +100,24 @@ def test_nan_propagates_last_nan_index_and_ties_take_the_first(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [6, 19, 43, 72])
+def test_channels_last_nan_and_ties_in_every_channel_block(device, dtype, channels):
+    """Channels_last scans channels in blocks of 4, 2 and 1 vectors plus a partial tail; NaNs and
+    ties in every block must follow torch (last NaN's index, first maximum's index)."""
+    torch.manual_seed(channels)
+    x = torch.randint(-3, 4, (3, channels, 7, 9), device=device).to(dtype)  # many ties
+    x[torch.rand(x.shape, device=device) < 0.05] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    x[-1, :, -1, -1] = float("nan")  # the last pixel: its tail is read without over-reading
+    for args in [(3, 2, 1), (2, 2, 0), ((1, 4), (1, 3), 0)]:
+        out, idx = DF.max_pool2d(x, *args, return_indices=True)
+        ref, ref_idx = F.max_pool2d(x, *args, return_indices=True)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(idx, ref_idx)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_all_minus_infinity_window(device):
     x = torch.full((1, 2, 4, 4), float("-inf"), device=device)
     out, idx = DF.max_pool2d(x, 2, return_indices=True)
@@ -207,6 +225,25 @@ def test_backward_op_checks_its_arguments(device):
             bwd(go, idx + 16, [1, 2, 4, 4])
         with pytest.raises(RuntimeError, match="outside the input plane"):
             bwd(go, idx - 2, [1, 2, 4, 4])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_backward_scatters_indices_outside_their_window(layout, dtype):
+    """The CPU backward adds each gradient at its index anywhere in the plane, as torch's does:
+    channels_last zeroes input rows lazily, so an index below (or above) its window still lands
+    on a zeroed row. 70 channels: two channel blocks per image."""
+    torch.manual_seed(0)
+    size, geometry = [2, 70, 11, 9], ([3], [2], [1], [1], False)
+    out_shape = (2, 70, 6, 5)
+    idx = make_layout(torch.randint(0, 11 * 9, out_shape), layout)
+    idx[:, :, :2] = 11 * 9 - 1 - idx[:, :, :2] % 5  # the first output rows reach the last row
+    go = make_layout(torch.randn(out_shape, dtype=dtype), layout)
+    ours = torch.ops.dlext.max_pool2d_backward(go, idx, size, *geometry)
+    x = make_layout(torch.empty(size, dtype=dtype), layout)
+    ref = torch.ops.aten.max_pool2d_with_indices_backward(go, x, [3], [2], [1], [1], False, idx)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
 
 
 def test_module_is_a_drop_in():

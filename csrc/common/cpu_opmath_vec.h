@@ -34,14 +34,13 @@ struct OpmathVec {
     }
   }
 
+  // Lanes [0, n), the rest zero. Through a small zeroed buffer rather than a masked load, which
+  // some ATen versions use and which is slow on AMD cores.
   static Vec load(const scalar_t* p, int64_t n) {
     if (n >= kSize) return load(p);
-    if constexpr (kWidened) {
-      const auto v = at::vec::Vectorized<scalar_t>::loadu(p, n);
-      return std::get<0>(at::vec::convert_to_float<scalar_t>(v));
-    } else {
-      return Vec::loadu(p, n);
-    }
+    alignas(64) scalar_t tmp[kSize] = {};
+    std::copy(p, p + std::max<int64_t>(n, 0), tmp);
+    return load(tmp);
   }
 
   static void store(scalar_t* p, const Vec& v) {

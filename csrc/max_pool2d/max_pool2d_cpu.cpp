@@ -17,10 +17,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "common/cpu_opmath_vec.h"
 #include "common/outputs.h"
 #include "max_pool2d/max_pool2d_common.h"
 
@@ -89,22 +92,95 @@ inline int64_t window_taps(const Pool2d& p, int64_t oh, int64_t ow, int64_t* tap
   return n;
 }
 
+// An int32 index's bits in a float lane, or an int64's in a double lane: the argmax is carried
+// through compare + blend (a bitwise select) without ever being converted. Indices stay below
+// 2^30 (see forward_channels_last), so no pattern is a signalling NaN.
+template <typename acc_t>
+acc_t index_bits(int64_t i) {
+  using int_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
+  const int_t narrow = static_cast<int_t>(i);
+  acc_t bits;
+  std::memcpy(&bits, &narrow, sizeof(bits));
+  return bits;
+}
+
+// The int64 indices whose bits a vector holds (index_bits): doubles' bits are the indices; floats'
+// are int32, widened in registers.
+template <typename Vec>
+inline void store_indices(const Vec& bits, int64_t* dst) {
+  if constexpr (sizeof(typename Vec::value_type) == 8) {
+    bits.store(dst);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m256i narrow = _mm256_castps_si256(bits);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm256_cvtepi32_epi64(_mm256_castsi256_si128(narrow)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 4),
+                        _mm256_cvtepi32_epi64(_mm256_extracti128_si256(narrow, 1)));
+#else
+    int32_t narrow[Vec::size()];
+    bits.store(narrow);
+    for (int64_t k = 0; k < Vec::size(); ++k) dst[k] = narrow[k];
+#endif
+  }
+}
+
+// U vectors of channels [c, c + U * lanes) of one output pixel: U independent compare + blend
+// chains per tap, so the latency of one does not stall the loop.
+template <int U, typename Vec, typename scalar_t>
+inline void scan_taps(const scalar_t* src, int64_t C, int64_t c, const int64_t* taps,
+                      const typename Vec::value_type* tap_bits, int64_t nt, bool full, int64_t cnt,
+                      scalar_t* dst, int64_t* dst_idx) {
+  using acc_t = typename Vec::value_type;
+  Vec best[U], arg[U];
+  for (int u = 0; u < U; ++u) {
+    best[u] = Vec(lowest<acc_t>());
+    arg[u] = Vec(index_bits<acc_t>(-1));  // an empty window keeps -1
+  }
+  for (int64_t t = 0; t < nt; ++t) {
+    const scalar_t* at_tap = src + taps[t] * C + c;
+    const Vec bits(tap_bits[t]);
+    for (int u = 0; u < U; ++u) {
+      const Vec v = full ? Vec::loadu(at_tap + u * Vec::size())
+                         : cpu::OpmathVec<scalar_t>::load(at_tap, cnt);
+      const Vec take = (v > best[u]) | v.isnan();
+      best[u] = Vec::blendv(best[u], v, take);
+      arg[u] = Vec::blendv(arg[u], bits, take);
+    }
+  }
+  if (cnt == U * Vec::size()) {
+    for (int u = 0; u < U; ++u) {
+      best[u].store(dst + c + u * Vec::size());
+      store_indices(arg[u], dst_idx + c + u * Vec::size());
+    }
+  } else {  // U == 1, a tail
+    cpu::OpmathVec<scalar_t>::store(dst + c, best[0], cnt);
+    int64_t wide[Vec::size()];
+    store_indices(arg[0], wide);
+    std::copy(wide, wide + cnt, dst_idx + c);
+  }
+}
+
 // Channels_last: for each output pixel, channels in vectors (8 floats with AVX2): the running
-// maximum and the ordinal of the winning tap live in two registers, updated by compare + blend;
-// ordinals become flat indices once per pixel through the tap table. Each tap's channels are
-// contiguous, so every load is a full vector. Other dtypes take the scalar loop (same order).
+// maximum and the flat index of the winning tap (its bits, see index_bits) live in two registers,
+// updated by compare + blend; each tap's channels are contiguous, so every load is a full vector
+// (the last C % 8 channels a whole vector read past them while that stays inside the input, and
+// stored partially: masked loads and stores are slow on AMD cores). Float indices are widened to int64 in vector
+// registers. Planes of 2^30 elements or more, and 16-bit floats, take the scalar loop (same order).
 template <typename scalar_t>
 void forward_channels_last(const scalar_t* in, scalar_t* out, int64_t* idx, const Pool2d& p) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kVector = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
   using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kLanes = Vec::size();
+  constexpr bool kVector = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+  const bool vector = p.in_h * p.in_w < (int64_t{1} << 30);
   const int64_t C = p.channels;
   const int64_t plane = p.in_h * p.in_w;
   const int64_t pixels = p.batch * p.out_h * p.out_w;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C * p.kh * p.kw));
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> taps(p.kh * p.kw);  // a window has at most kh * kw taps
-    acc_t ordinal[Vec::size()];
+    std::vector<acc_t> tap_bits(p.kh * p.kw);
     for (int64_t px = begin; px < end; ++px) {
       const int64_t n = px / (p.out_h * p.out_w);
       const int64_t nt = window_taps(p, (px / p.out_w) % p.out_h, px % p.out_w, taps.data());
@@ -113,27 +189,25 @@ void forward_channels_last(const scalar_t* in, scalar_t* out, int64_t* idx, cons
       int64_t* dst_idx = idx + px * C;
       int64_t c = 0;
       if constexpr (kVector) {
-        // Full vectors, then the last C % 8 channels as one partial vector (LeNet's C = 6).
-        for (; c < C; c += Vec::size()) {
-          const int64_t cnt = std::min<int64_t>(Vec::size(), C - c);
-          const bool full = cnt == Vec::size();
-          Vec best(lowest<acc_t>());
-          Vec arg(acc_t(0));
-          for (int64_t t = 0; t < nt; ++t) {
-            const scalar_t* at_tap = src + taps[t] * C + c;
-            const Vec v = full ? Vec::loadu(at_tap) : Vec::loadu(at_tap, cnt);
-            const Vec take = (v > best) | v.isnan();
-            best = Vec::blendv(best, v, take);
-            arg = Vec::blendv(arg, Vec(static_cast<acc_t>(t)), take);
+        if (vector) {
+          for (int64_t t = 0; t < nt; ++t) tap_bits[t] = index_bits<acc_t>(taps[t]);
+          // The last window tap is the highest address; reading whole vectors past channel C
+          // (into the next pixel) is fine while that stays inside the input.
+          const int64_t last = nt ? n * plane * C + taps[nt - 1] * C : 0;
+          for (; c + 4 * kLanes <= C; c += 4 * kLanes) {
+            scan_taps<4, Vec>(src, C, c, taps.data(), tap_bits.data(), nt, true, 4 * kLanes, dst,
+                              dst_idx);
           }
-          if (full) {
-            best.store(dst + c);
-          } else {
-            best.store(dst + c, cnt);
+          if (c + 2 * kLanes <= C) {
+            scan_taps<2, Vec>(src, C, c, taps.data(), tap_bits.data(), nt, true, 2 * kLanes, dst,
+                              dst_idx);
+            c += 2 * kLanes;
           }
-          arg.store(ordinal);
-          for (int64_t k = 0; k < cnt; ++k) {
-            dst_idx[c + k] = nt ? taps[static_cast<int64_t>(ordinal[k])] : -1;
+          for (; c < C; c += kLanes) {
+            const int64_t cnt = std::min<int64_t>(kLanes, C - c);
+            const bool full = cnt == kLanes || last + c + kLanes <= p.batch * plane * C;
+            scan_taps<1, Vec>(src, C, c, taps.data(), tap_bits.data(), nt, full, cnt, dst,
+                              dst_idx);
           }
         }
       }
@@ -223,45 +297,69 @@ void backward_nchw(const scalar_t* go, const int64_t* idx, scalar_t* gi, int64_t
 }
 
 // Channels_last: a task owns one image's block of channels. It walks the output pixels in order,
-// reading each pixel's gradients and indices for the block contiguously; the writes land in the
-// few input pixels of that window (cache-resident). 16-bit floats accumulate in a float buffer.
+// reading each pixel's gradients and indices for the block contiguously. Input rows are zeroed
+// just before the first write can reach them (the rows of the current window, or of any index
+// further down), so the zeroing and the adds stay in cache and every line is written back once;
+// rows no index reaches are zeroed at the end. 16-bit floats accumulate in a float buffer.
 template <typename scalar_t>
-void backward_channels_last(const scalar_t* go, const int64_t* idx, scalar_t* gi, int64_t batch,
-                            int64_t C, int64_t out_plane, int64_t in_plane) {
+void backward_channels_last(const scalar_t* go, const int64_t* idx, scalar_t* gi,
+                            const Pool2d& p) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kDirect = std::is_same_v<acc_t, scalar_t>;
   constexpr int64_t kBlock = 64;  // channels per task
+  const int64_t C = p.channels, in_h = p.in_h, in_w = p.in_w, out_h = p.out_h, out_w = p.out_w;
   const int64_t blocks = (C + kBlock - 1) / kBlock;
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t in_plane = in_h * in_w, out_plane = out_h * out_w;
+  at::parallel_for(0, p.batch * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks;
       const int64_t c0 = (task % blocks) * kBlock;
       const int64_t cb = std::min(kBlock, C - c0);
       scalar_t* dst = gi + n * in_plane * C + c0;
-      acc_t* acc;                 // element (pixel k, channel c0 + c) at acc[k * stride + c]
+      acc_t* acc;  // element (pixel k, channel c0 + c) at acc[k * stride + c]
       int64_t stride;
       if constexpr (kDirect) {
         acc = dst;
         stride = C;
-        for (int64_t k = 0; k < in_plane; ++k) std::fill(acc + k * C, acc + k * C + cb, acc_t(0));
       } else {
-        buffer.assign(in_plane * cb, acc_t(0));
+        buffer.resize(in_plane * cb);
         acc = buffer.data();
         stride = cb;
       }
-      for (int64_t o = 0; o < out_plane; ++o) {
-        const scalar_t* g = go + (n * out_plane + o) * C + c0;
-        const int64_t* ix = idx + (n * out_plane + o) * C + c0;
-        for (int64_t c = 0; c < cb; ++c) {
-          const int64_t i = ix[c];
-          if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(in_plane)) {
-            if (i == -1) continue;  // an empty window: no input element
-            bad_index(i, in_plane);
+      int64_t zeroed = 0;  // input rows [0, zeroed) are zeroed
+      auto zero_rows_to = [&](int64_t row_end) {
+        if (row_end <= zeroed) return;
+        if (stride == cb) {
+          std::fill(acc + zeroed * in_w * cb, acc + row_end * in_w * cb, acc_t(0));
+        } else {
+          for (int64_t k = zeroed * in_w; k < row_end * in_w; ++k) {
+            std::fill(acc + k * stride, acc + k * stride + cb, acc_t(0));
           }
-          acc[i * stride + c] += static_cast<acc_t>(g[c]);
+        }
+        zeroed = row_end;
+      };
+      for (int64_t oh = 0; oh < out_h; ++oh) {
+        zero_rows_to(p.h_end(oh));  // the last row this output row's windows cover
+        int64_t limit = std::min(zeroed, in_h) * in_w;  // indices below it land on zeroed rows
+        for (int64_t o = oh * out_w; o < (oh + 1) * out_w; ++o) {
+          const scalar_t* g = go + (n * out_plane + o) * C + c0;
+          const int64_t* ix = idx + (n * out_plane + o) * C + c0;
+          for (int64_t c = 0; c < cb; ++c) {
+            const int64_t i = ix[c];
+            if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(limit)) {
+              if (i == -1) continue;  // an empty window: no input element
+              if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(in_plane)) {
+                bad_index(i, in_plane);
+              }
+              zero_rows_to(i / in_w + 1);  // an index outside its window, further down
+              limit = zeroed * in_w;
+            }
+            acc[i * stride + c] += static_cast<acc_t>(g[c]);
+          }
         }
       }
+      zero_rows_to(in_h);
       if constexpr (!kDirect) {
         for (int64_t k = 0; k < in_plane; ++k) {
           for (int64_t c = 0; c < cb; ++c) dst[k * C + c] = static_cast<scalar_t>(acc[k * cb + c]);
@@ -275,10 +373,9 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
                                    at::IntArrayRef input_size, at::IntArrayRef kernel_size,
                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, bool ceil_mode) {
-  const bool channels_last = check_max_pool2d_backward_args(grad_output, indices, input_size,
-                                                            kernel_size, stride, padding,
-                                                            dilation, ceil_mode)
-                                 .channels_last;
+  const Pool2d p = check_max_pool2d_backward_args(grad_output, indices, input_size, kernel_size,
+                                                  stride, padding, dilation, ceil_mode);
+  const bool channels_last = p.channels_last;
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor go = grad_output.contiguous(fmt);
   const at::Tensor ix = indices.contiguous(fmt);
@@ -293,7 +390,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tens
     const scalar_t* g = go.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
     if (channels_last) {
-      backward_channels_last(g, ix.const_data_ptr<int64_t>(), gi, batch, C, out_plane, in_plane);
+      backward_channels_last(g, ix.const_data_ptr<int64_t>(), gi, p);
     } else {
       backward_nchw(g, ix.const_data_ptr<int64_t>(), gi, batch * C, out_plane, in_plane);
     }
