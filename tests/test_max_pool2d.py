@@ -118,11 +118,19 @@ def test_channels_last_nan_and_ties_in_every_channel_block(device, dtype, channe
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_all_minus_infinity_window(device):
-    x = torch.full((1, 2, 4, 4), float("-inf"), device=device)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels", [2, 8, 70])
+def test_all_minus_infinity_window(device, layout, dtype, channels):
+    """An all -inf window takes its first tap's index, as torch's, and passes the gradient there."""
+    x = torch.full((1, channels, 4, 4), float("-inf"), device=device, dtype=dtype)
+    x[:, :, 2:, 2:] = torch.randn(1, channels, 2, 2, device=device, dtype=dtype)
+    x = make_layout(x, layout).requires_grad_()
     out, idx = DF.max_pool2d(x, 2, return_indices=True)
     ref, ref_idx = F.max_pool2d(x, 2, return_indices=True)
     assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
+    grad, ref_grad = (torch.autograd.grad(o.sum(), x)[0] for o in (out, ref))
+    assert torch.equal(grad, ref_grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)

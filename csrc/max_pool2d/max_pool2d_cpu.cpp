@@ -3,9 +3,10 @@
 //
 // Forward, NCHW: one task per range of (plane, output row); each output scans its window with the
 // bounds clamped once per row and column (no per-tap bounds test) and branch-free updates.
-// Channels_last: vectorised across channels (see forward_channels_last). Comparisons are torch's: a value wins if it is greater or NaN
-// (so NaN propagates and the last NaN's index is kept), ties keep the first maximum, and 16-bit
-// floats compare in float.
+// Channels_last: vectorised across channels (see forward_channels_last). Comparisons are torch's:
+// a value wins if it is greater or NaN (so NaN propagates and the last NaN's index is kept), ties
+// keep the first maximum, an all -inf window gives its first tap, and 16-bit floats compare in
+// float.
 // Backward: a plane (NCHW) or a (batch, channel block) (channels_last) belongs to one task, so
 // the scatter-add needs no atomics and its order, hence the result, is fixed.
 #include <ATen/Dispatch.h>
@@ -132,10 +133,13 @@ inline void scan_taps(const scalar_t* src, int64_t C, int64_t c, const int64_t* 
                       const typename Vec::value_type* tap_bits, int64_t nt, bool full, int64_t cnt,
                       scalar_t* dst, int64_t* dst_idx) {
   using acc_t = typename Vec::value_type;
+  // As torch: the first tap's index until a value wins (an all -inf window keeps it), -1 for an
+  // empty window.
+  const Vec first(nt ? tap_bits[0] : index_bits<acc_t>(-1));
   Vec best[U], arg[U];
   for (int u = 0; u < U; ++u) {
     best[u] = Vec(lowest<acc_t>());
-    arg[u] = Vec(index_bits<acc_t>(-1));  // an empty window keeps -1
+    arg[u] = first;
   }
   for (int64_t t = 0; t < nt; ++t) {
     const scalar_t* at_tap = src + taps[t] * C + c;
@@ -165,8 +169,9 @@ inline void scan_taps(const scalar_t* src, int64_t C, int64_t c, const int64_t* 
 // maximum and the flat index of the winning tap (its bits, see index_bits) live in two registers,
 // updated by compare + blend; each tap's channels are contiguous, so every load is a full vector
 // (the last C % 8 channels a whole vector read past them while that stays inside the input, and
-// stored partially: masked loads and stores are slow on AMD cores). Float indices are widened to int64 in vector
-// registers. Planes of 2^30 elements or more, and 16-bit floats, take the scalar loop (same order).
+// stored partially: masked loads and stores are slow on AMD cores). Float indices are widened to
+// int64 in vector registers. Planes of 2^30 elements or more, and 16-bit floats, take the scalar
+// loop (same order).
 template <typename scalar_t>
 void forward_channels_last(const scalar_t* in, scalar_t* out, int64_t* idx, const Pool2d& p) {
   using acc_t = at::opmath_type<scalar_t>;
