@@ -105,6 +105,59 @@ inline void check_bn_grad_output(const at::Tensor& input, const at::Tensor& grad
   check_same_dtype(input, grad_output, op, "input", "grad_output");
 }
 
+// The argument checks of each operator, shared by the CPU and CUDA implementations (same checks,
+// same order, so both backends raise the same error).
+inline void check_bn_elemt_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                const at::Tensor& invstd, const char* op) {
+  check_bn_input(input, op);
+  std::optional<at::ScalarType> param_dtype;
+  check_bn_param(input, weight, op, "weight", param_dtype);
+  check_bn_param(input, bias, op, "bias", param_dtype);
+  check_bn_stat(input, mean, op, "mean");
+  check_bn_stat(input, invstd, op, "invstd");
+}
+
+inline void check_bn_backward_reduce_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const at::Tensor& mean, const at::Tensor& invstd,
+                                          const std::optional<at::Tensor>& weight,
+                                          const char* op) {
+  check_bn_input(input, op);
+  check_bn_grad_output(input, grad_output, op);
+  check_bn_stat(input, mean, op, "mean");
+  check_bn_stat(input, invstd, op, "invstd");
+  std::optional<at::ScalarType> param_dtype;
+  check_bn_param(input, weight, op, "weight", param_dtype);
+}
+
+// count: the values per channel over every process, at least this input's N * spatial size.
+inline void check_bn_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                         const at::Tensor& mean, const at::Tensor& invstd,
+                                         const std::optional<at::Tensor>& weight,
+                                         const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                         int64_t count, const char* op) {
+  check_bn_backward_reduce_args(grad_output, input, mean, invstd, weight, op);
+  check_bn_stat(input, sum_dy, op, "sum_dy");
+  check_bn_stat(input, sum_dy_xmu, op, "sum_dy_xmu");
+  int64_t per_channel = input.size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) per_channel *= input.size(d);
+  TORCH_CHECK(count >= per_channel && (count > 0 || per_channel == 0), op,
+              ": expected 'count' (values per channel over every process) to be at least the ",
+              "input's ", per_channel, " values per channel, but got ", count);
+}
+
+inline void check_bn_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                   const std::optional<at::Tensor>& weight,
+                                   const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                   const char* op) {
+  check_bn_input(input, op);
+  check_bn_grad_output(input, grad_output, op);
+  std::optional<at::ScalarType> param_dtype;
+  check_bn_param(input, weight, op, "weight", param_dtype);
+  check_bn_stat(input, save_mean, op, "save_mean");
+  check_bn_stat(input, save_invstd, op, "save_invstd");
+}
+
 // The arguments of the fused dlext::batch_norm, checked as torch checks native_batch_norm's.
 inline void check_batch_norm_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                   const std::optional<at::Tensor>& bias,

@@ -133,12 +133,7 @@ at::Tensor batch_norm_elemt_cpu(const at::Tensor& input, const OptTensor& weight
                                 const OptTensor& bias, const at::Tensor& mean,
                                 const at::Tensor& invstd) {
   constexpr const char* op = "dlext::batch_norm_elemt";
-  check_bn_input(input, op);
-  std::optional<at::ScalarType> param_dtype;
-  check_bn_param(input, weight, op, "weight", param_dtype);
-  check_bn_param(input, bias, op, "bias", param_dtype);
-  check_bn_stat(input, mean, op, "mean");
-  check_bn_stat(input, invstd, op, "invstd");
+  check_bn_elemt_args(input, weight, bias, mean, invstd, op);
   const DenseInput in = dense_input(input);
   at::Tensor out = new_empty(input.sizes(), input.options(), in.format);
   if (input.numel() == 0) return out;
@@ -160,12 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& invstd, const OptTensor& weight, std::array<bool, 3> output_mask) {
   constexpr const char* op = "dlext::batch_norm_backward_reduce";
-  check_bn_input(input, op);
-  check_bn_grad_output(input, grad_output, op);
-  check_bn_stat(input, mean, op, "mean");
-  check_bn_stat(input, invstd, op, "invstd");
-  std::optional<at::ScalarType> param_dtype;
-  check_bn_param(input, weight, op, "weight", param_dtype);
+  check_bn_backward_reduce_args(grad_output, input, mean, invstd, weight, op);
   const at::ScalarType acc = bn_acc_dtype(input.scalar_type());
   const at::ScalarType pgrad = bn_param_grad_dtype(input, weight);
   at::Tensor sum_dy, sum_dy_xmu, grad_weight, grad_bias;
@@ -206,18 +196,9 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad_output, const at
                                          const OptTensor& weight, const at::Tensor& sum_dy,
                                          const at::Tensor& sum_dy_xmu, int64_t count) {
   constexpr const char* op = "dlext::batch_norm_backward_elemt";
-  check_bn_input(input, op);
-  check_bn_grad_output(input, grad_output, op);
-  check_bn_stat(input, mean, op, "mean");
-  check_bn_stat(input, invstd, op, "invstd");
-  std::optional<at::ScalarType> param_dtype;
-  check_bn_param(input, weight, op, "weight", param_dtype);
-  check_bn_stat(input, sum_dy, op, "sum_dy");
-  check_bn_stat(input, sum_dy_xmu, op, "sum_dy_xmu");
+  check_bn_backward_elemt_args(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
+                               op);
   const DenseInput in = dense_input(input);
-  TORCH_CHECK(count >= in.g.count() && (count > 0 || in.g.count() == 0), op,
-              ": expected 'count' (values per channel over every process) to be at least the ",
-              "input's ", in.g.count(), " values per channel, but got ", count);
   at::Tensor grad_input = new_empty(input.sizes(), input.options(), in.format);
   if (input.numel() == 0) return grad_input;
   const at::Tensor dy = like_input(grad_output, in);
@@ -305,12 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
     std::array<bool, 3> output_mask) {
   constexpr const char* op = "dlext::batch_norm_backward";
-  check_bn_input(input, op);
-  check_bn_grad_output(input, grad_output, op);
-  std::optional<at::ScalarType> param_dtype;
-  check_bn_param(input, weight, op, "weight", param_dtype);
-  check_bn_stat(input, save_mean, op, "save_mean");
-  check_bn_stat(input, save_invstd, op, "save_invstd");
+  check_bn_backward_args(grad_output, input, weight, save_mean, save_invstd, op);
 
   const DenseInput in = dense_input(input);
   const at::ScalarType pgrad = bn_param_grad_dtype(input, weight);

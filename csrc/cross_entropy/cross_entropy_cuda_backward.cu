@@ -347,31 +347,10 @@ void backward(const Inputs& in, int64_t reduction, const at::Tensor& grad_output
                                   "dlext::cross_entropy_backward", [&] {
     using T = scalar_t;
     using acc_t = acc_type<T>;
-    Args<T> A{};
-    A.N = in.x.size(0);
-    A.C = in.x.size(1);
-    A.D = in.x.size(2);
-    A.x = in.x.const_data_ptr<T>();
-    A.x_sn = in.x.stride(0);
-    A.x_sc = in.x.stride(1);
-    A.x_sd = in.x.stride(2);
     at::Tensor w_sum;
-    if (in.w.defined()) {
-      A.w = in.w.const_data_ptr<acc_t>();
-      if (in.smooth) {
-        w_sum = at::empty({}, in.w.options());
-        launch_weight_sum(A.w, A.C, w_sum.mutable_data_ptr<acc_t>());
-        A.w_sum = w_sum.const_data_ptr<acc_t>();
-      }
-    }
-    A.smooth = in.smooth;
-    A.a = static_cast<acc_t>(in.a);
-    A.b = static_cast<acc_t>(in.b);
-    A.ignore_index = in.ignore_index;
-    A.bad = in.bad;
     // Read only here; Args holds the forward's mutable pointers.
-    A.lse_max = const_cast<acc_t*>(lse.const_data_ptr<acc_t>());
-    A.lse_log_sum = A.lse_max + A.N * A.D;
+    const Args<T> A =
+        make_args<T>(in, const_cast<acc_t*>(lse.const_data_ptr<acc_t>()), w_sum);
 
     BwdArgs<T> B{};
     B.go = grad_output.const_data_ptr<T>();
@@ -391,15 +370,8 @@ void backward(const Inputs& in, int64_t reduction, const at::Tensor& grad_output
       B.g_sd = g_any.stride(2);
     }
     if (in.t.defined()) {
-      A.t = in.t.const_data_ptr<int64_t>();
-      A.t_sn = in.t.stride(0);
-      A.t_sd = in.t.stride(1);
       if (B.gx) launch_backward<T, false>(A, B);
     } else {
-      A.y = in.y.const_data_ptr<T>();
-      A.y_sn = in.y.stride(0);
-      A.y_sc = in.y.stride(1);
-      A.y_sd = in.y.stride(2);
       if (g_any.defined()) launch_backward<T, true>(A, B);
       if (gw.defined()) launch_weight_grad<T>(A, B, gw);
     }

@@ -299,40 +299,11 @@ void forward(const Inputs& in, int64_t reduction, const at::Tensor& loss, const 
                                   "dlext::cross_entropy", [&] {
     using T = scalar_t;
     using acc_t = acc_type<T>;
-    Args<T> A{};
-    A.N = in.x.size(0);
-    A.C = in.x.size(1);
-    A.D = in.x.size(2);
-    A.x = in.x.const_data_ptr<T>();
-    A.x_sn = in.x.stride(0);
-    A.x_sc = in.x.stride(1);
-    A.x_sd = in.x.stride(2);
     at::Tensor w_sum;
-    if (in.w.defined()) {
-      A.w = in.w.const_data_ptr<acc_t>();
-      if (in.smooth) {
-        w_sum = at::empty({}, in.w.options());
-        launch_weight_sum(A.w, A.C, w_sum.mutable_data_ptr<acc_t>());
-        A.w_sum = w_sum.const_data_ptr<acc_t>();
-      }
-    }
-    A.smooth = in.smooth;
-    A.a = static_cast<acc_t>(in.a);
-    A.b = static_cast<acc_t>(in.b);
-    A.ignore_index = in.ignore_index;
-    A.bad = in.bad;
-    A.lse_max = lse.mutable_data_ptr<acc_t>();
-    A.lse_log_sum = A.lse_max + A.N * A.D;
+    const Args<T> A = make_args<T>(in, lse.mutable_data_ptr<acc_t>(), w_sum);
     if (in.t.defined()) {
-      A.t = in.t.const_data_ptr<int64_t>();
-      A.t_sn = in.t.stride(0);
-      A.t_sd = in.t.stride(1);
       launch_forward<T, false>(A, in, reduction, loss, total_weight);
     } else {
-      A.y = in.y.const_data_ptr<T>();
-      A.y_sn = in.y.stride(0);
-      A.y_sc = in.y.stride(1);
-      A.y_sd = in.y.stride(2);
       launch_forward<T, true>(A, in, reduction, loss, total_weight);
     }
   });

@@ -25,6 +25,8 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -37,6 +39,7 @@
 
 #include "common/cuda_launch.cuh"
 #include "common/cuda_reduce.cuh"
+#include "cross_entropy/cross_entropy_cuda.h"
 
 namespace dlext {
 namespace ce_cuda {
@@ -387,6 +390,48 @@ template <typename acc_t>
 void launch_weight_sum(const acc_t* w, int64_t C, acc_t* out) {
   weight_sum_kernel<acc_t><<<1, kThreads, 0, cuda::current_stream()>>>(w, C, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The kernels' Args for `in` (logits, targets or probabilities, weights, smoothing) with the lse
+// parts at lse_max; the weight sum the smoothing needs is computed on the device into w_sum,
+// which the caller keeps alive until the kernels have run. Shared by the forward and backward.
+template <typename T>
+Args<T> make_args(const Inputs& in, acc_type<T>* lse_max, at::Tensor& w_sum) {
+  using acc_t = acc_type<T>;
+  Args<T> A{};
+  A.N = in.x.size(0);
+  A.C = in.x.size(1);
+  A.D = in.x.size(2);
+  A.x = in.x.const_data_ptr<T>();
+  A.x_sn = in.x.stride(0);
+  A.x_sc = in.x.stride(1);
+  A.x_sd = in.x.stride(2);
+  if (in.t.defined()) {
+    A.t = in.t.const_data_ptr<int64_t>();
+    A.t_sn = in.t.stride(0);
+    A.t_sd = in.t.stride(1);
+  } else {
+    A.y = in.y.const_data_ptr<T>();
+    A.y_sn = in.y.stride(0);
+    A.y_sc = in.y.stride(1);
+    A.y_sd = in.y.stride(2);
+  }
+  if (in.w.defined()) {
+    A.w = in.w.const_data_ptr<acc_t>();
+    if (in.smooth) {
+      w_sum = at::empty({}, in.w.options());
+      launch_weight_sum(A.w, A.C, w_sum.mutable_data_ptr<acc_t>());
+      A.w_sum = w_sum.const_data_ptr<acc_t>();
+    }
+  }
+  A.smooth = in.smooth;
+  A.a = static_cast<acc_t>(in.a);
+  A.b = static_cast<acc_t>(in.b);
+  A.ignore_index = in.ignore_index;
+  A.bad = in.bad;
+  A.lse_max = lse_max;
+  A.lse_log_sum = lse_max + A.N * A.D;
+  return A;
 }
 
 }  // namespace ce_cuda
