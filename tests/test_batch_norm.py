@@ -108,13 +108,29 @@ def grad_input_condition(x, w, training, eps):
     return max(1.0, scale.max().item())
 
 
+def canonical_strides(x):
+    """x's values with the canonical strides of its layout.
+
+    A channels_last tensor with size-1 dims can carry non-canonical strides there (e.g. (1, 2, 1, 2)
+    with strides (1, 1, 1, 2)); torch's CPU batch_norm backward then reads grad_output in the
+    wrong order (torch 2.14: its grad_input is not grad_output * invstd in evaluation). dlext
+    handles such inputs; the native reference is taken on the canonical copy, which has the same
+    values and the same memory format.
+    """
+    for fmt, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == dim and x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
+            return x.clone(memory_format=fmt)
+    return x
+
+
 def compare_with_native(x, rm, rv, w, b, training, momentum=0.1, eps=1e-5, grad=None,
                         tol=None):
     """dlext against the float64 reference (tight) and against native in the same dtypes."""
     tol = tol if tol is not None else TOL[x.dtype]
     ours = run(DF.batch_norm, x, rm, rv, w, b, training, momentum, eps, grad)
-    ref = run(F.batch_norm, x, rm, rv, w, b, training, momentum, eps, grad, dtype=torch.float64)
-    native = run(F.batch_norm, x, rm, rv, w, b, training, momentum, eps, grad)
+    xn = canonical_strides(x)
+    ref = run(F.batch_norm, xn, rm, rv, w, b, training, momentum, eps, grad, dtype=torch.float64)
+    native = run(F.batch_norm, xn, rm, rv, w, b, training, momentum, eps, grad)
     names = ["out", "running_mean", "running_var", "grad_input", "grad_weight", "grad_bias"]
     tols = [tol] * 3 + [tol * grad_input_condition(x, w, training, eps), tol, tol]
     for name, o, r, n, t in zip(names, ours, ref, native, tols):
@@ -794,6 +810,22 @@ def test_runs_on_dlext_kernels_only(device):
             "dlext::batch_norm_elemt", "dlext::batch_norm_backward_reduce",
             "dlext::batch_norm_backward_elemt"} <= names
     assert_no_native(names, FORBIDDEN, "dlext batch_norm")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_channels_last_with_non_canonical_strides(device, training):
+    """(1, 2, 1, 2) with strides (1, 1, 1, 2) is channels_last-contiguous with odd strides on its
+    size-1 dims. Evaluation's grad_input is grad_output * invstd exactly; both modes match native on
+    the canonical copy (native's own backward gets this input wrong, see canonical_strides)."""
+    x = torch.as_strided(torch.randn(4, device=device), (1, 2, 1, 2), (1, 1, 1, 2))
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    w, b, rm, rv = channel_params(2, torch.float32, device)
+    grad = torch.randn(1, 2, 1, 2, device=device)
+    ours, _ = compare_with_native(x, rm, rv, w, b, training, grad=grad)
+    if not training:
+        expected = grad * (w / (rv + 1e-5).sqrt()).view(1, 2, 1, 1)
+        torch.testing.assert_close(ours[3], expected, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------- hypothesis
