@@ -8,13 +8,16 @@ torch.library.register_autograd, so torch.ops.dlext.<op> is differentiable on it
 Functions themselves call the kernels below that Python autograd layer (see `_run`): inside a
 Function it has nothing to do and would cost several microseconds per call. In-place operators
 cannot carry a Python autograd formula; their C++ Autograd kernel bumps the version counter and
-refuses inputs that require grad (csrc/common/inplace_autograd.h).
+refuses inputs that require grad (csrc/common/mutable_autograd.h).
 
 The fake kernels describe output shapes, dtypes and strides without computing, so
 torch.compile(fullgraph=True) and torch.library.opcheck can trace the ops. Functions are
 old-style (forward takes ctx): new-style ones bind arguments by introspection on every call.
 """
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from torch.library import register_autograd, register_fake
@@ -43,6 +46,33 @@ def _differentiable(fn: type[torch.autograd.Function], op, *args):
 
 def _register(op_name: str, setup_context, fn: type[torch.autograd.Function]) -> None:
     register_autograd(op_name, fn.backward, setup_context=setup_context)
+
+
+def _fake(op_name: str):
+    """register_fake(op_name) for the decorated function, behind the check every dlext kernel
+    makes first: all tensor arguments on one device. A real tensor mixed with a meta tensor
+    dispatches to the fake kernel (Meta outranks CPU), which must then fail as the kernel would
+    instead of handing back uninitialised memory."""
+    def decorate(fn):
+        names = list(inspect.signature(fn).parameters)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            first = None
+            for name, value in (*zip(names, args), *kwargs.items()):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if first is None:
+                    first = (name, value.device)
+                    continue
+                torch._check(value.device == first[1], lambda: (
+                    f"{op_name}: expected all tensors to be on the same device, but "
+                    f"'{first[0]}' is on {first[1]} and '{name}' is on {value.device}"))
+            return fn(*args, **kwargs)
+
+        register_fake(op_name)(checked)
+        return fn
+    return decorate
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -76,17 +106,17 @@ def _empty_dense_like(t: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------- relu
 
-@register_fake("dlext::relu")
+@_fake("dlext::relu")
 def _relu_fake(self):
     return _empty_dense_like(self)
 
 
-@register_fake("dlext::relu_")
+@_fake("dlext::relu_")
 def _relu_inplace_fake(self):
     return None
 
 
-@register_fake("dlext::relu_backward")
+@_fake("dlext::relu_backward")
 def _relu_backward_fake(grad_output, result):
     return _empty_dense_like(result)
 
@@ -157,7 +187,7 @@ def _pool_out(size, k, pad, stride, dilation, ceil_mode):
     return out
 
 
-@register_fake("dlext::max_pool2d")
+@_fake("dlext::max_pool2d")
 def _max_pool2d_fake(self, kernel_size, stride, padding, dilation, ceil_mode):
     two = lambda v: (v[0], v[-1])  # noqa: E731  (one value or two)
     (kh, kw), (ph, pw), (dh, dw) = two(kernel_size), two(padding), two(dilation)
@@ -168,7 +198,7 @@ def _max_pool2d_fake(self, kernel_size, stride, padding, dilation, ceil_mode):
     return _empty(sizes, self, cl), _empty(sizes, self, cl, torch.long)
 
 
-@register_fake("dlext::max_pool2d_backward")
+@_fake("dlext::max_pool2d_backward")
 def _max_pool2d_backward_fake(grad_output, indices, input_size, kernel_size, stride, padding,
                               dilation, ceil_mode):
     return _empty(list(input_size), grad_output, _is_channels_last(indices))
@@ -311,18 +341,18 @@ def _bn_param_grad_dtype(input, weight) -> torch.dtype:
     return weight.dtype if weight is not None else _bn_acc_dtype(input.dtype)
 
 
-@register_fake("dlext::batch_norm_stats")
+@_fake("dlext::batch_norm_stats")
 def _bn_stats_fake(input):
     acc = _bn_acc_dtype(input.dtype)
     return _bn_per_channel(input, acc), _bn_per_channel(input, acc)
 
 
-@register_fake("dlext::batch_norm_elemt")
+@_fake("dlext::batch_norm_elemt")
 def _bn_elemt_fake(input, weight, bias, mean, invstd):
     return _bn_empty_like_input(input)
 
 
-@register_fake("dlext::batch_norm_backward_reduce")
+@_fake("dlext::batch_norm_backward_reduce")
 def _bn_backward_reduce_fake(grad_output, input, mean, invstd, weight, output_mask):
     acc, pgrad = _bn_acc_dtype(input.dtype), _bn_param_grad_dtype(input, weight)
     return (_bn_per_channel(input, acc) if output_mask[0] else None,
@@ -331,18 +361,18 @@ def _bn_backward_reduce_fake(grad_output, input, mean, invstd, weight, output_ma
             _bn_per_channel(input, pgrad) if output_mask[2] else None)
 
 
-@register_fake("dlext::batch_norm_backward_elemt")
+@_fake("dlext::batch_norm_backward_elemt")
 def _bn_backward_elemt_fake(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
     return _bn_empty_like_input(input)
 
 
-@register_fake("dlext::batch_norm")
+@_fake("dlext::batch_norm")
 def _bn_fake(input, weight, bias, running_mean, running_var, training, momentum, eps):
     acc = _bn_acc_dtype(input.dtype)
     return _bn_empty_like_input(input), _bn_per_channel(input, acc), _bn_per_channel(input, acc)
 
 
-@register_fake("dlext::batch_norm_backward")
+@_fake("dlext::batch_norm_backward")
 def _bn_backward_fake(grad_output, input, weight, save_mean, save_invstd, training, output_mask):
     pgrad = _bn_param_grad_dtype(input, weight)
     return (_bn_empty_like_input(input) if output_mask[0] else None,
@@ -534,14 +564,14 @@ def _conv2d_output_shape(input, weight, stride, padding, dilation):
     return (n, 0 if c == 0 else k, ho, wo)  # no input channels: no output channels, as torch
 
 
-@register_fake("dlext::conv2d")
+@_fake("dlext::conv2d")
 def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups):
     shape = _conv2d_output_shape(input, weight, stride, padding, dilation)
     return torch.empty(shape, dtype=input.dtype, device=input.device,
                        memory_format=_conv2d_format(input, weight))
 
 
-@register_fake("dlext::conv2d_backward")
+@_fake("dlext::conv2d_backward")
 def _conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation, groups,
                           output_mask):
     fmt = _conv2d_format(input, weight)
@@ -676,32 +706,20 @@ def _ce_grad_like(input: torch.Tensor) -> torch.Tensor:
     return g.reshape(input.shape)
 
 
-def _ce_check_devices(op, input, **others):
-    """The kernels' device check, also for the fake kernel: a CPU tensor mixed with a meta tensor
-    dispatches here, where it must fail as it does on a real device."""
-    for name, t in others.items():
-        torch._check(t is None or t.device == input.device, lambda: (
-            f"{op}: expected all tensors to be on the same device, but 'input' is on "
-            f"{input.device} and '{name}' is on {t.device}"))
-
-
-@register_fake("dlext::cross_entropy")
+@_fake("dlext::cross_entropy")
 def _cross_entropy_fake(input, target, weight, reduction, ignore_index, label_smoothing):
     torch._check(input.dim() >= 1, lambda: "dlext::cross_entropy: expected 'input' with classes")
-    _ce_check_devices("dlext::cross_entropy", input, target=target, weight=weight)
     n, _, d, loss_shape = _ce_view_shape(input)
     acc = _ce_acc_dtype(input.dtype)
     loss = input.new_empty(loss_shape if reduction == 0 else ())
     return loss, input.new_empty((2, n, d), dtype=acc), input.new_empty((), dtype=acc)
 
 
-@register_fake("dlext::cross_entropy_backward")
+@_fake("dlext::cross_entropy_backward")
 def _cross_entropy_backward_fake(grad_output, input, target, weight, lse, total_weight, reduction,
                                  ignore_index, label_smoothing, output_mask):
     torch._check(input.dim() >= 1,
                  lambda: "dlext::cross_entropy_backward: expected 'input' with classes")
-    _ce_check_devices("dlext::cross_entropy_backward", input, grad_output=grad_output,
-                      target=target, weight=weight, lse=lse, total_weight=total_weight)
     return (_ce_grad_like(input) if output_mask[0] else None,
             _ce_grad_like(input) if output_mask[1] else None,
             input.new_empty((_ce_view_shape(input)[1],)) if output_mask[2] else None)
