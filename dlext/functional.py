@@ -42,11 +42,46 @@ def _autocast(tensors, lower_precision: bool):
             else t for t in tensors]
 
 
-def _int_list(value) -> list[int]:
-    """An int or a sequence of ints as a list (its length is checked by the op, as torch does)."""
+def _is_int(value) -> bool:
+    """torch's int arguments: anything with __index__ (ints, numpy ints, one-element integer
+    tensors), but not bool."""
+    return not isinstance(value, bool) and hasattr(value, "__index__")
+
+
+def _int_arg(fn: str, name: str, value) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{fn}(): argument '{name}' must be int, not {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:  # e.g. a float tensor: __index__ exists but refuses
+        raise TypeError(f"{fn}(): argument '{name}' must be int, not "
+                        f"{type(value).__name__}") from None
+
+
+def _float_arg(fn: str, name: str, value) -> float:
+    """torch's float arguments: real numbers (bool included) and 0-d tensors without grad."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not value.requires_grad and not value.is_complex():
+            return float(value)
+    elif isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{fn}(): argument '{name}' must be float, not {type(value).__name__}")
+
+
+def _pool_ints(fn: str, name: str, position: int, value) -> list[int]:
+    """An int or a sequence of ints as a list, with torch's type errors (its length is checked by
+    the op, as torch does)."""
     if isinstance(value, (list, tuple, torch.Size)):
-        return [int(v) for v in value]
-    return [int(value)]
+        for i, item in enumerate(value):
+            if not _is_int(item):
+                raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be tuple "
+                                f"of ints, but found element of type {type(item).__name__} at "
+                                f"pos {i}")
+        return [operator.index(item) for item in value]
+    if not _is_int(value):
+        raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be tuple of ints, "
+                        f"not {type(value).__name__}")
+    return [operator.index(value)]
 
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -57,23 +92,32 @@ def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return ReLUFunction.apply(input)
 
 
+def _max_pool2d(fn: str, input: torch.Tensor, kernel_size, stride, padding, dilation,
+                ceil_mode: bool):
+    _check_tensor(fn, "input", input)
+    kernel_size = _pool_ints(fn, "kernel_size", 2, kernel_size)
+    stride = [] if stride is None else _pool_ints(fn, "stride", 3, stride)
+    padding = _pool_ints(fn, "padding", 4, padding)
+    dilation = _pool_ints(fn, "dilation", 5, dilation)
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"{fn}(): argument 'ceil_mode' (position 6) must be bool, not "
+                        f"{type(ceil_mode).__name__}")
+    return MaxPool2dFunction.apply(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
 def max_pool2d_with_indices(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
                             ceil_mode: bool = False, return_indices: bool = True):
     """As torch.nn.functional.max_pool2d_with_indices: (values, indices)."""
-    _check_tensor("max_pool2d", "input", input)
-    stride = [] if stride is None else _int_list(stride)
-    out, indices = MaxPool2dFunction.apply(input, _int_list(kernel_size), stride,
-                                           _int_list(padding), _int_list(dilation),
-                                           bool(ceil_mode))
-    return out, indices
+    return _max_pool2d("max_pool2d_with_indices", input, kernel_size, stride, padding, dilation,
+                       ceil_mode)
 
 
 def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
                ceil_mode: bool = False, return_indices: bool = False):
     """max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
     return_indices=False), as torch.nn.functional.max_pool2d. Indices are flat per plane."""
-    out, indices = max_pool2d_with_indices(input, kernel_size, stride, padding, dilation,
-                                           ceil_mode)
+    out, indices = _max_pool2d("max_pool2d_with_indices" if return_indices else "max_pool2d",
+                               input, kernel_size, stride, padding, dilation, ceil_mode)
     return (out, indices) if return_indices else out
 
 def _verify_batch_size(size: torch.Size) -> None:
@@ -103,10 +147,13 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
     if not isinstance(training, bool):
         raise TypeError(f"batch_norm(): argument 'training' must be bool, not "
                         f"{type(training).__name__}")
-    for name, value in (("momentum", momentum), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"batch_norm(): argument '{name}' must be float, not "
+    for name, value in (("running_mean", running_mean), ("running_var", running_var),
+                        ("weight", weight), ("bias", bias)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"batch_norm(): argument '{name}' must be Tensor, not "
                             f"{type(value).__name__}")
+    momentum = _float_arg("batch_norm", "momentum", momentum)
+    eps = _float_arg("batch_norm", "eps", eps)
     if training:
         _verify_batch_size(input.size())
     if training and eps <= 0.0:
@@ -123,7 +170,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
         weight = weight.reshape(-1)
     if bias is not None and bias.dim() != 1:
         bias = bias.reshape(-1)
-    args = (input, weight, bias, running_mean, running_var, training, float(momentum), float(eps))
+    args = (input, weight, bias, running_mean, running_var, training, momentum, eps)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (input, weight, bias)):
         return BatchNormFunction.apply(*args)[0]
@@ -136,7 +183,7 @@ def _conv2d_pair(value, name: str) -> list[int]:
     else:
         items = [value]
     for item in items:
-        if isinstance(item, bool) or not hasattr(item, "__index__"):
+        if not _is_int(item):
             raise TypeError(f"conv2d(): argument '{name}' must be an int or a tuple of ints, "
                             f"but got {type(item).__name__}")
     items = [operator.index(item) for item in items]
@@ -181,7 +228,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"conv2d(): argument 'bias' must be Tensor or None, not "
                         f"{type(bias).__name__}")
-    if isinstance(groups, bool) or not hasattr(groups, "__index__"):
+    if not _is_int(groups):
         raise TypeError(f"conv2d(): argument 'groups' must be int, not {type(groups).__name__}")
     if input.dim() not in (3, 4):
         raise RuntimeError("Expected 3D (unbatched) or 4D (batched) input to conv2d, but got "
@@ -215,16 +262,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if weight is not None and not isinstance(weight, torch.Tensor):
         raise TypeError(f"cross_entropy(): argument 'weight' (position 3) must be Tensor, not "
                         f"{type(weight).__name__}")
-    try:
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"cross_entropy(): argument 'ignore_index' must be int, not "
-                        f"{type(ignore_index).__name__}") from None
-    try:
-        label_smoothing = float(label_smoothing)
-    except (TypeError, ValueError):
-        raise TypeError(f"cross_entropy(): argument 'label_smoothing' must be float, not "
-                        f"{type(label_smoothing).__name__}") from None
+    ignore_index = _int_arg("cross_entropy", "ignore_index", ignore_index)
+    label_smoothing = _float_arg("cross_entropy", "label_smoothing", label_smoothing)
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
     reduction_enum = _Reduction.get_enum(reduction)

@@ -260,6 +260,29 @@ def test_inference_mode(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_argument_forms_torch_accepts(device):
+    """momentum and eps may be 0-d tensors or bools (torch's float arguments); an empty input in
+    evaluation needs no running statistics (torch returns it unchecked)."""
+    x = torch.randn(4, 3, 5, device=device)
+    for momentum in (torch.tensor(0.25), True, 0):
+        ours_rm, ours_rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+        ref_rm, ref_rv = ours_rm.clone(), ours_rv.clone()
+        torch.testing.assert_close(
+            DF.batch_norm(x, ours_rm, ours_rv, training=True, momentum=momentum,
+                          eps=torch.tensor(1e-3)),
+            F.batch_norm(x, ref_rm, ref_rv, training=True, momentum=momentum,
+                         eps=torch.tensor(1e-3)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close((ours_rm, ours_rv), (ref_rm, ref_rv), rtol=1e-6, atol=1e-6)
+    empty = torch.randn(0, 3, 5, device=device)
+    out = DF.batch_norm(empty, None, None, training=False)
+    assert out.shape == empty.shape and out.device == empty.device
+    with pytest.raises(TypeError, match="argument 'momentum' must be float, not Tensor"):
+        DF.batch_norm(x, None, None, training=True, momentum=torch.tensor([0.1]))
+    with pytest.raises(TypeError, match="argument 'running_mean' must be Tensor, not list"):
+        DF.batch_norm(x, [0.0, 0.0, 0.0], torch.ones(3, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_offset_is_numerically_stable(device, dtype):
     """Mean far from 0 and a small spread: E[x^2] - E[x]^2 would lose every digit, and even a

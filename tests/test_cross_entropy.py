@@ -417,6 +417,10 @@ def test_errors(device):
         DF.cross_entropy(x, t, weight=[1.0] * 5)
     with pytest.raises(TypeError, match="argument 'ignore_index' must be int, not float"):
         DF.cross_entropy(x, t, ignore_index=1.0)
+    with pytest.raises(TypeError, match="argument 'ignore_index' must be int, not bool"):
+        DF.cross_entropy(x, t, ignore_index=True)
+    with pytest.raises(TypeError, match="argument 'label_smoothing' must be float, not str"):
+        DF.cross_entropy(x, t, label_smoothing="0.1")
     with pytest.raises(RuntimeError, match="not differentiable with respect to argument 'weight'"):
         DF.cross_entropy(x, t, weight=torch.ones(5, device=device, requires_grad=True))
     with pytest.raises(RuntimeError, match="'weight' is on meta"):

@@ -211,6 +211,30 @@ def test_errors_match_torch(device):
         DF.max_pool2d([1.0], 2)
 
 
+@pytest.mark.parametrize("return_indices", [False, True])
+def test_argument_types_and_ranges_match_torch(return_indices):
+    """Arguments torch refuses are refused with its TypeError, not rounded or parsed (2.5 as 2,
+    '3' as 3, True as 1); values past int32 raise torch's overflow error instead of wrapping."""
+    x = torch.randn(1, 1, 8, 8)
+    bad_types = [
+        dict(kernel_size=2.5), dict(kernel_size="3"), dict(kernel_size=True),
+        dict(kernel_size=None), dict(kernel_size=2, padding=1.0),
+        dict(kernel_size=2, stride=[True, 1]),
+        dict(kernel_size=2, ceil_mode=1), dict(kernel_size=2, ceil_mode=None),
+    ]
+    for kw in bad_types:
+        assert_raises_like_torch(lambda: DF.max_pool2d(x, **kw, return_indices=return_indices),
+                                 lambda: F.max_pool2d(x, **kw, return_indices=return_indices))
+    with pytest.raises(TypeError, match="found element of type float at pos 1"):
+        DF.max_pool2d(x, (2, 2.0), return_indices=return_indices)  # torch words this one oddly
+    for kw in [dict(kernel_size=5, dilation=2**62), dict(kernel_size=(1, 5), dilation=(1, 2**62)),
+               dict(kernel_size=2**31), dict(kernel_size=2, stride=2**40)]:
+        assert_raises_like_torch(lambda: DF.max_pool2d(x, **kw), lambda: F.max_pool2d(x, **kw),
+                                 contains="cannot be converted to type int without overflow")
+    for k in (torch.tensor(3), torch.tensor([3]), (3, torch.tensor(3))):  # ints torch accepts
+        torch.testing.assert_close(DF.max_pool2d(x, k), F.max_pool2d(x, k), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_op_checks_its_arguments(device):
     go = torch.randn(1, 2, 2, 2, device=device)

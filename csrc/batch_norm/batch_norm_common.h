@@ -165,7 +165,7 @@ inline void check_batch_norm_args(const at::Tensor& input, const std::optional<a
                                   const std::optional<at::Tensor>& running_var, bool training,
                                   const char* op) {
   check_bn_input(input, op);
-  if (!training) {
+  if (!training && input.numel() > 0) {  // torch returns an empty input unchecked
     TORCH_CHECK(bn_defined(running_mean), op, ": running_mean must be defined in evaluation mode");
     TORCH_CHECK(bn_defined(running_var), op, ": running_var must be defined in evaluation mode");
   }

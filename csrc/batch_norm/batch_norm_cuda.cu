@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -134,6 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
   if (training) {
     bn_cuda::forward_train(in.x, in.g, weight, bias, running_mean, running_var, momentum, eps, out,
                            save_mean, save_invstd);
+  } else if (!bn_defined(running_mean)) {  // an empty input (checked): as the CPU operator
+    save_mean.zero_();
+    save_invstd.fill_(1.0 / std::sqrt(1.0 + eps));
   } else {
     bn_cuda::forward_eval(in.x, in.g, weight, bias, *running_mean, *running_var, eps, out,
                           save_mean, save_invstd);

@@ -11,6 +11,8 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #include "common/dense.h"
@@ -73,6 +75,15 @@ inline Pool2d max_pool2d_geometry(at::IntArrayRef input_size, bool channels_last
   p.pw = padding.size() == 1 ? p.ph : padding[1];
   p.dh = dilation[0];
   p.dw = dilation.size() == 1 ? p.dh : dilation[1];
+  // torch narrows these to int; past that the window arithmetic below could overflow int64.
+  const std::pair<const char*, int64_t> params[] = {
+      {"kernel_size", p.kh}, {"kernel_size", p.kw}, {"stride", p.sh}, {"stride", p.sw},
+      {"padding", p.ph},     {"padding", p.pw},     {"dilation", p.dh}, {"dilation", p.dw}};
+  for (const auto& [name, v] : params) {
+    using limits = std::numeric_limits<int32_t>;
+    TORCH_CHECK(v >= limits::min() && v <= limits::max(), "max_pool2d: ", name, " value ", v,
+                " cannot be converted to type int without overflow");
+  }
 
   const int64_t dim = static_cast<int64_t>(input_size.size());
   p.channels_last = channels_last;
