@@ -260,6 +260,33 @@ def test_inference_mode(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_running_stats_versions_move_only_when_written(device):
+    """Training writes the running statistics in place (their version moves, so a graph that
+    saved them notices); evaluation only reads them: no version bump, so statistics created in
+    inference mode (a model loaded for serving) and statistics saved by a graph still work."""
+    x = torch.randn(4, 3, 5, device=device)
+    with torch.inference_mode():
+        served = DN.BatchNorm1d(3).to(device).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(served(x), torch.nn.functional.batch_norm(
+            x, served.running_mean.clone(), served.running_var.clone()), rtol=1e-6, atol=1e-6)
+
+    m = DN.BatchNorm1d(3).to(device)
+    a = torch.randn(3, device=device, requires_grad=True)
+    kept = (a * m.running_var).sum()  # saves running_var for backward
+    v0 = m.running_var._version
+    m.eval()
+    m(x)
+    assert m.running_var._version == v0
+    torch.autograd.grad(kept, a, retain_graph=True)  # not "modified by an inplace operation"
+    m.train()
+    m(x)
+    assert m.running_var._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(kept, a)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_argument_forms_torch_accepts(device):
     """momentum and eps may be 0-d tensors or bools (torch's float arguments); an empty input in
     evaluation needs no running statistics (torch returns it unchecked)."""

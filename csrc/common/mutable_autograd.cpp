@@ -15,7 +15,9 @@ void mutable_op_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys
   const auto& formals = schema.arguments();
   const auto args = torch::jit::last(*stack, formals.size());
   std::vector<at::Tensor> written;
+  bool writes = true;
   for (size_t i = 0; i < formals.size(); ++i) {
+    if (formals[i].name() == "training" && args[i].isBool()) writes = args[i].toBool();
     if (!args[i].isTensor()) continue;
     const at::Tensor& t = args[i].toTensor();
     TORCH_CHECK(!(at::GradMode::is_enabled() && t.defined() && t.requires_grad()), schema.name(),
@@ -28,6 +30,7 @@ void mutable_op_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys
     }
   }
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+  if (!writes) return;
   for (const at::Tensor& t : written) {
     if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
   }

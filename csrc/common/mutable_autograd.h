@@ -4,6 +4,8 @@
 // on (the differentiable path is the autograd.Function in dlext/autograd.py), runs the backend
 // kernel, then bumps the version counter of every argument the schema marks as written, so a
 // tensor saved for backward and overwritten later raises in backward, as with torch's own ops.
+// An op with a bool argument `training` writes only when it is true (batch_norm's running
+// statistics): in evaluation nothing is bumped, so inference tensors and saved statistics work.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
