@@ -228,6 +228,26 @@ def test_ignore_index(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(4, 5), (3, 5, 7), (40, 5)])
+def test_zero_total_weight_mean_is_nan(device, shape):
+    """Counted targets whose class weights are all 0: torch's mean divides the nll part (0 / 0)
+    and the smoothing part separately, so the loss is NaN even with label smoothing (one sum
+    divided by 0 would give inf); the gradients are torch's too."""
+    x = logits(shape, torch.float64, device)
+    target = torch.randint(2, (shape[0], *shape[2:]), device=device)
+    target.view(-1)[0] = 2  # ignored
+    weight = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0], dtype=torch.float64, device=device)
+    for ls in (0.0, 0.1):
+        kw = dict(weight=weight, ignore_index=2, label_smoothing=ls)
+        ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss, ref_loss = DF.cross_entropy(ours, target, **kw), F.cross_entropy(ref, target, **kw)
+        assert loss.isnan() and ref_loss.isnan()
+        loss.backward()
+        ref_loss.backward()
+        torch.testing.assert_close(ours.grad, ref.grad, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_unbatched_input(device):
     x = logits((11,), torch.float64, device)
     for target in (torch.tensor(4, device=device), torch.tensor(-100, device=device),

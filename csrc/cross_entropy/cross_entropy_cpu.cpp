@@ -21,6 +21,7 @@
 #include "common/outputs.h"
 #include "cross_entropy/cross_entropy_common.h"
 #include "cross_entropy/cross_entropy_grads.h"
+#include "cross_entropy/cross_entropy_mean.h"
 #include "cross_entropy/cross_entropy_cpu_args.h"
 #include "cross_entropy/cross_entropy_cpu_flat.h"
 #include "cross_entropy/cross_entropy_cpu_lanes.h"
@@ -287,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_cpu(
     if (reduction != at::Reduction::None) {
       const acc_t sum = cpu::pairwise_sum(block_loss.data(), blocks.count);
       *loss.mutable_data_ptr<scalar_t>() =
-          static_cast<scalar_t>(reduction == at::Reduction::Mean ? sum / tw : sum);
+          static_cast<scalar_t>(reduction == at::Reduction::Mean ? ce_mean(sum, tw) : sum);
     }
   });
   return {loss, lse, total_weight};

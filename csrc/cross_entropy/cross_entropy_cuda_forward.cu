@@ -16,6 +16,7 @@
 
 #include "cross_entropy/cross_entropy_cuda.h"
 #include "cross_entropy/cross_entropy_cuda_kernels.cuh"
+#include "cross_entropy/cross_entropy_mean.h"
 
 namespace dlext {
 namespace ce_cuda {
@@ -224,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t tw = by_weight ? p.weight : static_cast<acc_t>(p.count);
     *total_weight = tw;
     if (reduction != at::Reduction::None) {
-      *loss = static_cast<T>(reduction == at::Reduction::Mean ? p.loss / tw : p.loss);
+      *loss = static_cast<T>(reduction == at::Reduction::Mean ? ce_mean(p.loss, tw) : p.loss);
     }
   }
 }
