@@ -325,6 +325,37 @@ def test_deterministic(device, name):
     assert all(torch.equal(a, c) for a, c in zip(first, again))
 
 
+@pytest.mark.parametrize("groups,k_out", [(3, 3), (3, 6), (3, 12), (1, 4)],
+                         ids=["depthwise", "multiplier-2", "multiplier-4", "dense"])
+@pytest.mark.parametrize("padding", [1, (2, 0), "same"])
+def test_nonfinite_factors_on_padded_taps_give_nan_like_torch(groups, k_out, padding):
+    """torch's CPU convolution multiplies the zero padding by its weight (and, for the weight
+    gradient, by the output gradient), so an inf or NaN there makes those results NaN. dlext's
+    direct path (depthwise, small multipliers) skips padded taps and must mark them NaN itself;
+    its GEMM path multiplies zeros like torch. On CUDA torch's own depthwise kernel skips them,
+    so this is a CPU contract."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(k_out, 3 // groups, 3, 4, dtype=torch.float64)
+    w[0, 0, 0, 0] = float("inf")
+    w[-1, 0, 2, 3] = float("nan")
+    w.requires_grad_()
+    ours = DF.conv2d(x, w, padding=padding, groups=groups)
+    ref = F.conv2d(x, w, padding=padding, groups=groups)
+    torch.testing.assert_close(ours, ref, equal_nan=True, rtol=1e-12, atol=1e-12)
+    assert ref.isnan().any()  # the case reaches padded taps
+    g = torch.randn_like(ref)
+    g[0, 0, 0, 1] = float("inf")
+    g[1, -1, -1, -1] = float("-inf")
+    g[1, 1 % k_out, 2, 0] = float("nan")
+    finite_w = w.detach().nan_to_num(posinf=1.0).requires_grad_()
+    kw = dict(padding=padding, groups=groups)
+    ours_dw, = torch.autograd.grad(DF.conv2d(x, finite_w, **kw), finite_w, g)
+    ref_dw, = torch.autograd.grad(F.conv2d(x, finite_w, **kw), finite_w, g)
+    assert torch.equal(ours_dw.isnan(), ref_dw.isnan())
+    torch.testing.assert_close(ours_dw, ref_dw, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
 def raw_args(case, w):
     """The raw op's (stride, padding [t, b, l, r], dilation, groups) for a case."""
     def pair(v):

@@ -18,6 +18,8 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 #include "conv2d/conv2d_kernels_cpu.h"
@@ -62,6 +64,71 @@ inline T dot(int64_t n, const T* y, const T* x, int64_t incx) {
   return sum;
 }
 
+// Whether every one of n values is finite: 0 * v is 0 for them and NaN otherwise.
+template <typename T>
+bool all_finite(const T* p, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(T(0));
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    acc = at::vec::fmadd(Vec::loadu(p + j), Vec(T(0)), acc);
+  }
+  T tail(0);
+  for (; j < n; ++j) tail += p[j] * T(0);
+  return at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, acc) + tail == T(0);
+}
+
+// Padded taps. The loops skip taps that fall in the zero padding, where torch's CPU convolution
+// (and dlext's GEMM path) multiplies the padding by the other factor, so a non-finite weight
+// (forward) or output gradient (weight gradient) there makes the result NaN. These calls mark
+// exactly those results NaN; they run only when such a factor exists.
+
+// Calls fn(oh, r, s, lo, hi) for every output row oh and tap (r, s): outputs [lo, hi) of the row
+// read the input, the others read padding.
+template <typename Fn>
+void for_each_tap_span(const Conv2dGeometry& g, const Fn& fn) {
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t ih = oh * g.stride_h - g.pad_t + r * g.dil_h;
+      for (int64_t s = 0; s < g.S; ++s) {
+        const Span v = ih < 0 || ih >= g.H
+                           ? Span{0, 0}
+                           : valid_span(s * g.dil_w - g.pad_l, g.stride_w, g.W, g.Wo);
+        fn(oh, r, s, v.lo, v.hi);
+      }
+    }
+  }
+}
+
+// Forward plane yp of output channel k with weights wk: NaN where a padded tap has a non-finite
+// weight.
+template <typename T>
+void nan_at_padded_weights(const Conv2dGeometry& g, const T* wk, T* yp) {
+  if (all_finite(wk, g.R * g.S)) return;
+  for_each_tap_span(g, [&](int64_t oh, int64_t r, int64_t s, int64_t lo, int64_t hi) {
+    if (std::isfinite(wk[r * g.S + s])) return;
+    T* yrow = yp + oh * g.Wo;
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      if (ow < lo || ow >= hi) yrow[ow] = std::numeric_limits<T>::quiet_NaN();
+    }
+  });
+}
+
+// Weight gradient acc (R*S taps) from output-gradient plane dyp: NaN for a tap that pairs a
+// non-finite gradient with padding.
+template <typename T>
+void nan_at_padded_grads(const Conv2dGeometry& g, const T* dyp, T* acc) {
+  if (all_finite(dyp, g.Ho * g.Wo)) return;
+  for_each_tap_span(g, [&](int64_t oh, int64_t r, int64_t s, int64_t lo, int64_t hi) {
+    const T* dyrow = dyp + oh * g.Wo;
+    for (int64_t ow = 0; ow < g.Wo; ++ow) {
+      if ((ow < lo || ow >= hi) && !std::isfinite(dyrow[ow])) {
+        acc[r * g.S + s] = std::numeric_limits<T>::quiet_NaN();
+      }
+    }
+  });
+}
+
 int64_t plane_grain(int64_t work_per_plane) {
   return std::max<int64_t>(1, kMinTaskFlops / std::max<int64_t>(1, work_per_plane));
 }
@@ -89,6 +156,7 @@ void forward_kernel(const Conv2dGeometry& g, const T* x, const T* w, const T* bi
           }
         }
       }
+      nan_at_padded_weights(g, wk, yp);
     }
   });
 }
@@ -143,6 +211,7 @@ void backward_weight_kernel(const Conv2dGeometry& g, const T* dy, const T* x, T*
             }
           }
         }
+        nan_at_padded_grads(g, dyp, acc.data());
       }
       std::copy(acc.begin(), acc.end(), dw + k * RS);
     }
