@@ -815,3 +815,18 @@ def test_cuda_input_offsets_past_2_pow_31():
                              [False, True, False])[1]
     torch.testing.assert_close(dw, sampled.sum((0, 2, 3)).view(1, -1, 1, 1).expand_as(w),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.bigmem
+@CUDA_SKIP
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_bias_gradient_past_65535_chunks(layout):
+    """The bias gradient's first pass has one grid row per chunk of pixels (or images); with
+    more than 65535 * 512 output pixels the chunks grow instead of the call being refused."""
+    n, k, h, w = 70000, 2, 1, 512  # 35.8M pixels of 2 channels: 287 MB of float32
+    dy = make_layout(torch.randn(n, k, h, w, device="cuda"), layout)
+    x = make_layout(torch.empty(n, 1, h, w, device="cuda"), layout)
+    weight = torch.randn(k, 1, 1, 1, device="cuda")
+    db = ops.conv2d_backward(dy, x, weight, [1, 1], [0] * 4, [1, 1], 1, [False, False, True])[2]
+    torch.testing.assert_close(db, dy.double().sum((0, 2, 3)).float(), rtol=1e-4, atol=1e-2)

@@ -78,6 +78,11 @@ void check_igemm_limits(const Conv2dGeometry& g, const char* op) {
               kMax, " are supported, but got ", largest);
   TORCH_CHECK(g.R * g.S * std::max(g.Cg, g.Kg) <= kMax, op, ": on CUDA, a kernel of ", g.R, "x",
               g.S, " with ", std::max(g.Cg, g.Kg), " channels per group is too large");
+  // A pixel's position within its image plane is 32-bit too.
+  constexpr int64_t kMaxPlane = (int64_t{1} << 31) - 1;
+  TORCH_CHECK(g.H * g.W <= kMaxPlane && g.Ho * g.Wo <= kMaxPlane, op,
+              ": on CUDA, image planes of up to ", kMaxPlane, " pixels are supported, but got ",
+              g.H, "x", g.W, " in and ", g.Ho, "x", g.Wo, " out");
 }
 
 struct Plan {

@@ -181,17 +181,20 @@ __global__ void direct_backward_weight_kernel(const DirectArgs a, const T* __res
 }
 
 // Bias gradient, pass 1 for channels_last dy ([pixels, K] row-major): block (32, 8) sums the
-// rows of one chunk for 32 channels; partial[chunk, k].
+// rows of one chunk for 32 channels; partial[chunk, k]. Chunks of at least kRowsPerChunk rows,
+// more when that would take more than kMaxChunks chunks (gridDim.y).
 constexpr int64_t kRowsPerChunk = 512;
+constexpr int64_t kMaxChunks = 65535;
 
 template <typename T>
 __global__ void bias_partial_nhwc_kernel(const T* __restrict__ dy, int64_t pixels, int64_t K,
+                                         int64_t rows_per_chunk,
                                          at::opmath_type<T>* __restrict__ partial) {
   using acc = at::opmath_type<T>;
   __shared__ acc sm[8][33];
   const int64_t k = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * kRowsPerChunk;
-  const int64_t end = std::min(begin + kRowsPerChunk, pixels);
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t end = std::min(begin + rows_per_chunk, pixels);
   acc sum = acc(0);
   if (k < K) {
     for (int64_t row = begin + threadIdx.y; row < end; row += 8) sum += static_cast<acc>(dy[row * K + k]);
@@ -305,10 +308,12 @@ void bias_backward(const at::Tensor& dy, at::Tensor& db) {
   const int64_t N = dy.size(0), K = dy.size(1), plane = dy.size(2) * dy.size(3);
   const bool cl = !dy.is_contiguous();  // the caller passes a dense NCHW or NHWC tensor
   const int64_t pixels = N * plane;
-  const int64_t images_per_chunk = std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1));
-  const int64_t chunks = cl ? (pixels + kRowsPerChunk - 1) / kRowsPerChunk
-                            : (N + images_per_chunk - 1) / images_per_chunk;
-  TORCH_CHECK(chunks >= 1 && chunks <= 65535 && (cl || K <= (int64_t{1} << 31) - 1),
+  auto divup = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t rows_per_chunk = std::max(kRowsPerChunk, divup(pixels, kMaxChunks));
+  const int64_t images_per_chunk = std::max({int64_t{1}, 16384 / std::max<int64_t>(plane, 1),
+                                             divup(N, kMaxChunks)});
+  const int64_t chunks = cl ? divup(pixels, rows_per_chunk) : divup(N, images_per_chunk);
+  TORCH_CHECK(chunks >= 1 && chunks <= kMaxChunks && (cl || K <= (int64_t{1} << 31) - 1),
               "dlext::conv2d_backward (CUDA): grad_output is too large for the bias gradient "
               "kernel");
   const at::ScalarType acc_type = dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -321,7 +326,7 @@ void bias_backward(const at::Tensor& dy, at::Tensor& db) {
     if (cl) {
       const dim3 grid(static_cast<unsigned>((K + 31) / 32), static_cast<unsigned>(chunks));
       bias_partial_nhwc_kernel<scalar_t><<<grid, dim3(32, 8), 0, stream>>>(
-          dy.const_data_ptr<scalar_t>(), pixels, K, part);
+          dy.const_data_ptr<scalar_t>(), pixels, K, rows_per_chunk, part);
     } else {
       const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>(chunks));
       bias_partial_nchw_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(

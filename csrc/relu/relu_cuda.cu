@@ -39,8 +39,9 @@ __device__ __forceinline__ bool relu_blocks_grad(T v) {
   else return v <= T(0);
 }
 
+// x and y may be the same array (relu_): no __restrict__, so no read-only (non-coherent) loads.
 template <typename T, int VEC>
-__global__ void relu_forward_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n) {
+__global__ void relu_forward_kernel(const T* x, T* y, int64_t n) {
   using P = cuda::Pack<T, VEC>;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
