@@ -84,12 +84,50 @@ def _pool_ints(fn: str, name: str, position: int, value) -> list[int]:
     return [operator.index(value)]
 
 
+_CreationMeta = getattr(torch._C._autograd, "CreationMeta", None)
+_VIEW_REFUSALS = {
+    "MULTI_OUTPUT_NODE": "This view is the output of a function that returns multiple views. "
+                         "Such functions do not allow the output views to be modified inplace. "
+                         "You should replace the inplace operation by an out-of-place one.",
+    "NO_GRAD_MODE": "A view was created in no_grad mode and is being modified inplace with grad "
+                    "mode enabled. Move both the view and the inplace operation inside the "
+                    "no_grad block, or both outside it.",
+    "INFERENCE_MODE": "A view was created in inference mode and is being modified inplace "
+                      "outside inference mode.",
+    "IN_CUSTOM_FUNCTION": "This view was created inside a custom Function (or because an input "
+                          "was returned as-is) and the autograd logic to handle view+inplace "
+                          "would override the custom backward; it cannot be modified inplace.",
+}
+
+
+def _check_inplace(input: torch.Tensor) -> None:
+    """torch's refusals of an in-place op on a tensor that requires grad, raised before the
+    kernel writes (an autograd.Function would write first and be refused after)."""
+    if input._is_view():
+        if _CreationMeta is None:
+            return  # this torch cannot tell; the Function still refuses after the write
+        meta = torch._C._autograd._get_creation_meta(input)
+        if meta != _CreationMeta.DEFAULT:
+            raise RuntimeError(_VIEW_REFUSALS.get(meta.name, "This view cannot be modified "
+                                                             "inplace."))
+    elif input.is_leaf:
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                           "operation.")
+
+
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """relu(input, inplace=False) -> Tensor, as torch.nn.functional.relu."""
     _check_tensor("relu", "input", input)
-    if inplace:
+    if not inplace:
+        return ReLUFunction.apply(input)
+    if torch.is_grad_enabled() and input.requires_grad:
+        if not torch.compiler.is_compiling():  # dynamo traces the Function's own checks
+            _check_inplace(input)
         return ReLUInplaceFunction.apply(input)
-    return ReLUFunction.apply(input)
+    # Nothing to differentiate: the mutating op itself, which torch.compile can trace
+    # (an autograd.Function that marks its input dirty breaks the graph).
+    torch.ops.dlext.relu_.default(input)
+    return input
 
 
 def _max_pool2d(fn: str, input: torch.Tensor, kernel_size, stride, padding, dilation,

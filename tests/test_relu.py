@@ -124,9 +124,27 @@ def test_inplace_autograd(device):
     DF.relu(y, inplace=True)
     y.sum().backward()
     torch.testing.assert_close(x.grad, 2.0 * (x > 0).float(), rtol=0, atol=0)
-    leaf = torch.randn(3, device=device, requires_grad=True)
-    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
-        DF.relu(leaf, inplace=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_refused_inplace_leaves_the_tensor_untouched(device):
+    """torch refuses these before writing; so must dlext (a Function is refused after its
+    forward has already written)."""
+    leaf = torch.tensor([-1.0, 2.0], device=device, requires_grad=True)
+    with torch.no_grad():
+        no_grad_view = leaf[:]
+    multi_output_view = (leaf * 1).unbind()[0]
+    for t, words in ((leaf, "a leaf Variable that requires grad is being used in an in-place"),
+                     (no_grad_view, "A view was created in no_grad mode"),
+                     (multi_output_view, "output of a function that returns multiple views")):
+        before, version = t.detach().clone(), t._version
+        with pytest.raises(RuntimeError, match=words):
+            F.relu(t, inplace=True)  # torch's own refusal, for the record
+        with pytest.raises(RuntimeError, match=words):
+            DF.relu(t, inplace=True)
+        assert torch.equal(t.detach(), before) and t._version == version
+    with pytest.raises(RuntimeError, match="a leaf Variable that requires grad"):
+        DN.ReLU(inplace=True)(torch.nn.Parameter(torch.tensor([-1.0], device=device)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -141,9 +159,9 @@ def test_inplace_on_a_tensor_saved_for_backward_is_caught(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_errors(device):
-    with pytest.raises(RuntimeError, match="Boolean inputs not supported for relu"):
+    with pytest.raises(NotImplementedError, match="Boolean inputs not supported for relu"):
         DF.relu(torch.ones(3, dtype=torch.bool, device=device))
-    with pytest.raises(RuntimeError, match="not supported for complex"):
+    with pytest.raises(NotImplementedError, match="not supported for complex"):
         DF.relu(torch.ones(3, dtype=torch.complex64, device=device))
     with pytest.raises(TypeError, match="must be Tensor"):
         DF.relu([1.0, 2.0])
@@ -187,6 +205,27 @@ def test_compile_fullgraph(device):
     out_e.backward()
     torch.testing.assert_close(out_c, out_e)
     torch.testing.assert_close(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_inplace_without_grad(device):
+    """In-place ReLU on a tensor that needs no gradient (inference, frozen layers) is the raw
+    mutating op, which compiles into one graph (a Function marking its input dirty would not)."""
+    def f(t):
+        y = t * 2.0
+        DF.relu(y, inplace=True)
+        return y + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 7, device=device)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.relu(x * 2.0) + 1, rtol=0, atol=0)
+    torch.testing.assert_close(compiled(x), F.relu(x * 2.0) + 1, rtol=0, atol=0)
+    model = dlext.models.lenet5().to(device).eval()
+    with torch.no_grad():
+        images = torch.randn(3, 1, 32, 32, device=device)
+        compiled_model = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled_model(images), model(images), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,9 +8,10 @@
 namespace dlext {
 
 inline void check_relu_dtype(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.scalar_type() != at::kBool, op, ": Boolean inputs not supported for relu");
-  TORCH_CHECK(!t.is_complex(), op, ": relu is not supported for complex types, got ",
-              t.scalar_type());
+  TORCH_CHECK_NOT_IMPLEMENTED(t.scalar_type() != at::kBool, op,
+                              ": Boolean inputs not supported for relu");
+  TORCH_CHECK_NOT_IMPLEMENTED(!t.is_complex(), op,
+                              ": relu is not supported for complex types, got ", t.scalar_type());
 }
 
 inline void check_relu_backward_args(const at::Tensor& grad_output, const at::Tensor& result) {
