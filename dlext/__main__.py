@@ -15,7 +15,10 @@ def main(argv=None) -> int:
     train_parser(sub.add_parser("train", help="train a model on real data (see dlext/train.py)"))
     p = sub.add_parser("bench", help="kernel benchmarks vs native (see benchmarks/)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for benchmarks.run")
-    args = parser.parse_args(argv)
+    # bench hands its options (--device, --ops, ...) to benchmarks.run, which checks them.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "info":
         from dlext.info import report
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
             print("the benchmarks live in the source checkout: run this from its root",
                   file=sys.stderr)
             return 2
-        return bench_main(args.args)
+        return bench_main(extra + args.args)
     return 2
 
 

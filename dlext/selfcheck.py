@@ -6,6 +6,7 @@ tests/ go much further; this is the quick, human-readable proof on the user's ow
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,6 +140,11 @@ def run(device: str = "auto") -> int:
                              and dlext.build_info()["with_cuda"] else [])
     else:
         devices = [device]
+    if "cuda" in devices and not (torch.cuda.is_available() and dlext.build_info()["with_cuda"]):
+        print("gradcheck --device cuda: " + ("no CUDA device is available" if
+              not torch.cuda.is_available() else "dlext was built without its CUDA kernels"),
+              file=sys.stderr)
+        return 2
     print(f"dlext {dlext.__version__} vs torch {torch.__version__}: float64, random inputs")
     print(f"{'op':<22}{'device':<8}{'max|fwd diff|':>15}{'max|grad diff|':>16}"
           f"{'gradcheck':>11}{'gradgradcheck':>15}")
@@ -152,7 +158,6 @@ def run(device: str = "auto") -> int:
                   f"{'pass' if r['gradgradcheck'] else 'FAIL':>15}")
     print("all checks passed" if failures == 0 else f"{failures} check(s) FAILED")
     return 0 if failures == 0 else 1
-
 
 
 def _one_process_group(device: torch.device):
