@@ -29,10 +29,14 @@ _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 def _run(op, *args):
     """Call op's CPU/CUDA kernel directly, skipping its Python autograd kernel.
 
-    Under torch.compile the plain call is traced instead (dynamo does not trace the guard).
+    Under torch.compile and torch.export the plain call is traced instead (dynamo does not trace
+    the guard), without grad mode, as a Function's forward runs in eager: tracing may run forward
+    with grad mode on, where an in-place op's Autograd kernel would refuse inputs that require
+    grad.
     """
     if torch.compiler.is_compiling():
-        return op(*args)
+        with torch.no_grad():
+            return op(*args)
     with _BELOW_AUTOGRAD():
         return op(*args)
 
@@ -489,9 +493,11 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
         # Called through the dispatcher's Autograd key (common/mutable_autograd.h), which bumps
-        # the version counters of the running statistics the op writes.
-        out, mean, invstd = ops.batch_norm.default(input, weight, bias, running_mean, running_var,
-                                                   training, momentum, eps)
+        # the version counters of the running statistics the op writes; without grad mode, as in
+        # eager, also when torch.export traces this forward with grad mode on.
+        with torch.no_grad():
+            out, mean, invstd = ops.batch_norm.default(input, weight, bias, running_mean,
+                                                       running_var, training, momentum, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.training = training
         ctx.set_materialize_grads(False)

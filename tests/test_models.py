@@ -227,3 +227,23 @@ def test_compile_fullgraph_over_a_dlext_model(name):
                         [p.grad for p in twin.parameters()]) < 1e-12
     for b, c in zip(model.buffers(), twin.buffers()):   # running stats updated the same way
         torch.testing.assert_close(b, c)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet18"])
+def test_torch_export_of_a_dlext_model(name, mode, strict):
+    """torch.export traces the Functions' forwards (non-strict export with grad mode on, where
+    the in-place ops' Autograd kernel once refused parameters that require grad); the exported
+    program computes what the model does, running statistics included."""
+    torch.manual_seed(0)
+    model = lenet5() if name == "lenet5" else resnet18(num_classes=5)
+    getattr(model, mode)()
+    twin = copy.deepcopy(model)
+    shape = (4, 1, 32, 32) if name == "lenet5" else (2, 3, 32, 32)
+    x = torch.randn(shape)
+    exported = torch.export.export(model, (x,), strict=strict).module()
+    torch.testing.assert_close(exported(x), twin(x), rtol=1e-5, atol=1e-5)
+    twin_buffers = dict(twin.named_buffers())
+    for key, b in exported.named_buffers():
+        torch.testing.assert_close(b, twin_buffers[key], msg=key)
