@@ -1,7 +1,9 @@
 """dlext.functional: the torch.nn.functional signatures and semantics, on dlext kernels.
 
 Each function normalises its arguments the way torch.nn.functional does, then applies the
-autograd Function of dlext.autograd.
+autograd Function of dlext.autograd. Like torch.nn.functional, each first hands a call with
+__torch_function__ overrides among its tensor arguments (tensor subclasses, torch.fx proxies) to
+them, so torch.fx.symbolic_trace records dlext.functional calls.
 """
 from __future__ import annotations
 
@@ -10,12 +12,21 @@ import operator
 
 import torch
 from torch.nn import _reduction as _Reduction
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from dlext.autograd import (BatchNormFunction, Conv2dFunction, MaxPool2dFunction, ReLUFunction,
                             ReLUInplaceFunction, cross_entropy_loss)
 
 __all__ = ["relu", "max_pool2d", "max_pool2d_with_indices", "batch_norm", "conv2d",
            "cross_entropy"]
+
+
+def _overridden(*args) -> bool:
+    """Whether a __torch_function__ override (subclass, mode, torch.fx proxy) should see this call,
+    as for torch.nn.functional. Not while torch.compile / torch.export trace: they trace the
+    Functions themselves (torch.export's own mode would otherwise record the raw in-place ops,
+    which refuse inputs that require grad)."""
+    return has_torch_function_variadic(*args) and not torch.compiler.is_compiling()
 
 
 def _check_tensor(fn: str, name: str, value) -> None:
@@ -117,6 +128,8 @@ def _check_inplace(input: torch.Tensor) -> None:
 
 def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """relu(input, inplace=False) -> Tensor, as torch.nn.functional.relu."""
+    if _overridden(input):
+        return handle_torch_function(relu, (input,), input, inplace=inplace)
     _check_tensor("relu", "input", input)
     if not inplace:
         return ReLUFunction.apply(input)
@@ -146,6 +159,9 @@ def _max_pool2d(fn: str, input: torch.Tensor, kernel_size, stride, padding, dila
 def max_pool2d_with_indices(input: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
                             ceil_mode: bool = False, return_indices: bool = True):
     """As torch.nn.functional.max_pool2d_with_indices: (values, indices)."""
+    if _overridden(input):
+        return handle_torch_function(max_pool2d_with_indices, (input,), input, kernel_size, stride,
+                                     padding, dilation, ceil_mode, return_indices)
     return _max_pool2d("max_pool2d_with_indices", input, kernel_size, stride, padding, dilation,
                        ceil_mode)
 
@@ -154,9 +170,13 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
                ceil_mode: bool = False, return_indices: bool = False):
     """max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
     return_indices=False), as torch.nn.functional.max_pool2d. Indices are flat per plane."""
+    if _overridden(input):
+        return handle_torch_function(max_pool2d, (input,), input, kernel_size, stride, padding,
+                                     dilation, ceil_mode, return_indices)
     out, indices = _max_pool2d("max_pool2d_with_indices" if return_indices else "max_pool2d",
                                input, kernel_size, stride, padding, dilation, ceil_mode)
     return (out, indices) if return_indices else out
+
 
 def _verify_batch_size(size: torch.Size) -> None:
     """torch.nn.functional's check: training needs more than one value per channel."""
@@ -179,6 +199,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None,
     given, updates them in place: running = (1 - momentum) * running + momentum * batch, with the
     unbiased variance for running_var. Evaluation normalises with the running statistics.
     """
+    if _overridden(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(batch_norm, (input, running_mean, running_var, weight, bias),
+                                     input, running_mean, running_var, weight=weight, bias=bias,
+                                     training=training, momentum=momentum, eps=eps)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm(): argument 'input' must be Tensor, not "
                         f"{type(input).__name__}")
@@ -259,6 +283,10 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> Tensor,
     as torch.nn.functional.conv2d: int or tuple stride/padding/dilation, padding 'same' or
     'valid', groups, batched (N, C, H, W) or unbatched (C, H, W) input."""
+    if _overridden(input, weight, bias):
+        return handle_torch_function(conv2d, (input, weight, bias), input, weight, bias=bias,
+                                     stride=stride, padding=padding, dilation=dilation,
+                                     groups=groups)
     for name, value in (("input", input), ("weight", weight)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"conv2d(): argument '{name}' must be Tensor, not "
@@ -293,6 +321,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     stable log-sum-exp and the loss per row; log_softmax is never materialised. The operator
     checks shapes and dtypes as torch does, with torch's errors.
     """
+    if _overridden(input, target, weight):
+        return handle_torch_function(cross_entropy, (input, target, weight), input, target,
+                                     weight=weight, size_average=size_average,
+                                     ignore_index=ignore_index, reduce=reduce,
+                                     reduction=reduction, label_smoothing=label_smoothing)
     for name, value, position in (("input", input, 1), ("target", target, 2)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"cross_entropy(): argument '{name}' (position {position}) must be "

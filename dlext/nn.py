@@ -25,9 +25,18 @@ class MaxPool2d(torch.nn.MaxPool2d):
         return DF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
+def _fx_tracing() -> bool:
+    """Whether torch.fx.symbolic_trace is running (inputs are proxies)."""
+    trace = torch.fx._symbolic_trace
+    fn = getattr(trace, "is_fx_symbolic_tracing", None) or getattr(trace, "is_fx_tracing", None)
+    return fn is not None and fn()
+
+
 def _batch_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
     """torch.nn.modules.batchnorm._BatchNorm.forward, on dlext.functional.batch_norm."""
-    self._check_input_dim(input)
+    # torch.fx traces into dlext's modules (torch.nn's are leaves): no branch on a proxy's dim.
+    if not _fx_tracing():
+        self._check_input_dim(input)
     # momentum=None: a cumulative moving average over num_batches_tracked.
     if self.momentum is None:
         exponential_average_factor = 0.0

@@ -247,3 +247,48 @@ def test_torch_export_of_a_dlext_model(name, mode, strict):
     twin_buffers = dict(twin.named_buffers())
     for key, b in exported.named_buffers():
         torch.testing.assert_close(b, twin_buffers[key], msg=key)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fx_symbolic_trace_and_feature_extraction(mode):
+    """dlext.functional hands torch.fx proxies to __torch_function__ as torch.nn.functional does,
+    so symbolic tracing (torch.nn layers are leaves, dlext's are traced into) records
+    dlext.functional calls, and torchvision's feature extractor works on a swapped model."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    import dlext.functional as DF
+
+    torch.manual_seed(0)
+    model = getattr(resnet18(num_classes=5), mode)()
+    twin = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)
+    called = {n.target for n in traced.graph.nodes if n.op == "call_function"}
+    assert {DF.conv2d, DF.batch_norm, DF.relu, DF.max_pool2d} <= called
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(traced(x), twin(x), rtol=1e-5, atol=1e-5)
+    swapped = dlext.swap_layers(torchvision.models.resnet18(num_classes=5))
+    getattr(swapped, mode)()
+    reference = copy.deepcopy(swapped)
+    features = create_feature_extractor(swapped, {"layer2": "mid", "fc": "out"})(x)
+    torch.testing.assert_close(features["out"], reference(x), rtol=1e-5, atol=1e-5)
+    assert features["mid"].shape == (2, 128, 4, 4)
+
+
+def test_functional_forms_keep_tensor_subclasses():
+    """__torch_function__ subclasses see the dlext.functional call, as with torch's."""
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__module__", None))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    import dlext.functional as DF
+
+    x = torch.randn(2, 3, 6, 6).as_subclass(Logged)
+    w = torch.randn(4, 3, 3, 3)
+    out = DF.cross_entropy(DF.max_pool2d(DF.relu(DF.batch_norm(
+        DF.conv2d(x, w), None, None, training=True)), 2).flatten(1), torch.tensor([0, 1]))
+    assert isinstance(out, Logged)
+    assert seen.count("dlext.functional") == 5
