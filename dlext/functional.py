@@ -121,6 +121,9 @@ def _check_inplace(input: torch.Tensor) -> None:
         if meta != _CreationMeta.DEFAULT:
             raise RuntimeError(_VIEW_REFUSALS.get(meta.name, "This view cannot be modified "
                                                              "inplace."))
+        if input._base.is_leaf:
+            raise RuntimeError("a view of a leaf Variable that requires grad is being used in an "
+                               "in-place operation.")
     elif input.is_leaf:
         raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
                            "operation.")
@@ -160,8 +163,9 @@ def max_pool2d_with_indices(input: torch.Tensor, kernel_size, stride=None, paddi
                             ceil_mode: bool = False, return_indices: bool = True):
     """As torch.nn.functional.max_pool2d_with_indices: (values, indices)."""
     if _overridden(input):
-        return handle_torch_function(max_pool2d_with_indices, (input,), input, kernel_size, stride,
-                                     padding, dilation, ceil_mode, return_indices)
+        return handle_torch_function(max_pool2d_with_indices, (input,), input, kernel_size,
+                                     stride=stride, padding=padding, dilation=dilation,
+                                     ceil_mode=ceil_mode, return_indices=return_indices)
     return _max_pool2d("max_pool2d_with_indices", input, kernel_size, stride, padding, dilation,
                        ceil_mode)
 
@@ -170,9 +174,11 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
                ceil_mode: bool = False, return_indices: bool = False):
     """max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
     return_indices=False), as torch.nn.functional.max_pool2d. Indices are flat per plane."""
-    if _overridden(input):
-        return handle_torch_function(max_pool2d, (input,), input, kernel_size, stride, padding,
-                                     dilation, ceil_mode, return_indices)
+    if _overridden(input):  # as torch's, whose max_pool2d is one of these two by return_indices
+        return handle_torch_function(max_pool2d_with_indices if return_indices else max_pool2d,
+                                     (input,), input, kernel_size, stride=stride, padding=padding,
+                                     dilation=dilation, ceil_mode=ceil_mode,
+                                     return_indices=return_indices)
     out, indices = _max_pool2d("max_pool2d_with_indices" if return_indices else "max_pool2d",
                                input, kernel_size, stride, padding, dilation, ceil_mode)
     return (out, indices) if return_indices else out
