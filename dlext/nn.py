@@ -32,6 +32,16 @@ def _fx_tracing() -> bool:
     return fn is not None and fn()
 
 
+def _cumulative_factor(num_batches_tracked: torch.Tensor) -> float:
+    """1 / n for momentum=None. torch.fx runs a buffer's add_ once at trace time instead of
+    recording it, so a traced graph would keep one n forever: refused rather than wrong."""
+    if _fx_tracing():
+        raise RuntimeError("torch.fx cannot trace a dlext BatchNorm layer with momentum=None in "
+                           "training (its num_batches_tracked update is not traceable); use a "
+                           "float momentum, or torch.compile / torch.export")
+    return 1.0 / float(num_batches_tracked)
+
+
 def _batch_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
     """torch.nn.modules.batchnorm._BatchNorm.forward, on dlext.functional.batch_norm."""
     # torch.fx traces into dlext's modules (torch.nn's are leaves): no branch on a proxy's dim.
@@ -46,7 +56,7 @@ def _batch_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                exponential_average_factor = _cumulative_factor(self.num_batches_tracked)
             else:
                 exponential_average_factor = self.momentum
     # Batch statistics in training, and in evaluation when there are no running statistics.
@@ -105,8 +115,9 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
+        if not _fx_tracing():  # as in _batch_norm_forward
+            self._check_input_dim(input)
+            self._check_non_zero_input_channels(input)
         if self.momentum is None:
             exponential_average_factor = 0.0
         else:
@@ -114,7 +125,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # a cumulative moving average
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                exponential_average_factor = _cumulative_factor(self.num_batches_tracked)
         if self.training:
             bn_training = True
         else:

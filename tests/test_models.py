@@ -292,3 +292,54 @@ def test_functional_forms_keep_tensor_subclasses():
         DF.conv2d(x, w), None, None, training=True)), 2).flatten(1), torch.tensor([0, 1]))
     assert isinstance(out, Logged)
     assert seen.count("dlext.functional") == 5
+
+
+def test_overrides_receive_the_call_torch_gives_them():
+    """A __torch_function__ override sees dlext's functional call in the form it sees torch's:
+    the same function name, positional count and keyword names."""
+    import torch.nn.functional as F
+
+    import dlext.functional as DF
+
+    class Recorder(torch.Tensor):
+        calls: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__module__", "") in ("torch.nn.functional", "dlext.functional"):
+                cls.calls.append((func.__name__, len(args), sorted(kwargs or {})))
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 3, 6, 6).as_subclass(Recorder)
+    logits, t = torch.randn(2, 5).as_subclass(Recorder), torch.tensor([0, 1])
+    for lib in (F, DF):  # (torch's conv2d is a C builtin: not recorded here)
+        lib.max_pool2d(x, 2)
+        lib.max_pool2d(x, 2, return_indices=True)
+        lib.relu(x)
+        lib.batch_norm(x, None, None, training=True)
+        lib.cross_entropy(logits, t, label_smoothing=0.1)
+    half = len(Recorder.calls) // 2
+    assert half == 5 and Recorder.calls[:half] == Recorder.calls[half:]
+    Recorder.calls.clear()
+    DF.conv2d(x, torch.randn(4, 3, 3, 3), None, 1, 1)
+    assert Recorder.calls == [("conv2d", 2, ["bias", "dilation", "groups", "padding", "stride"])]
+
+
+@pytest.mark.parametrize("layer", ["BatchNorm2d", "SyncBatchNorm"])
+def test_fx_traces_batch_norm_layers(layer):
+    """The BatchNorm layers under torch.fx: no branch on proxies; the traced module updates the
+    running statistics as the eager one. momentum=None (1 / num_batches_tracked, a buffer update
+    fx runs once at trace time instead of recording it) is refused, not traced wrong."""
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="cannot trace a dlext BatchNorm layer with momentum"):
+        torch.fx.symbolic_trace(getattr(DN, layer)(3, momentum=None))
+    module = getattr(DN, layer)(3)
+    twin = copy.deepcopy(module)
+    traced = torch.fx.symbolic_trace(module)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5)
+        torch.testing.assert_close(traced(x), twin(x), rtol=1e-6, atol=1e-6)
+    twin_buffers = dict(twin.named_buffers())
+    for key, b in traced.named_buffers():
+        torch.testing.assert_close(b, twin_buffers[key], rtol=1e-6, atol=1e-7, msg=key)
