@@ -233,9 +233,14 @@ def sync_batch_norm(input: torch.Tensor, weight: torch.Tensor | None, bias: torc
 
     Every process calls it with its part of the batch (any size, 0 included; the same shape
     otherwise) and gets its part of the output; the running statistics, when given, are updated
-    in place on each process, identically. `process_group` is a torch.distributed ProcessGroup
-    (group.WORLD for all processes).
+    in place on each process, identically. `process_group` is a torch.distributed ProcessGroup;
+    None means the default group (group.WORLD), as elsewhere in torch.distributed.
     """
+    if process_group is None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise RuntimeError("sync_batch_norm: process_group is None and no default process "
+                               "group is initialised (torch.distributed.init_process_group)")
+        process_group = torch.distributed.group.WORLD
     _check_running_stats(input, weight, running_mean, running_var)
     return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                        float(momentum), float(eps), process_group)

@@ -138,14 +138,25 @@ def plot(histories: list[History], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _positive(kind):
+    """An argparse type: a positive, finite `kind` (int or float)."""
+    def parse(text: str):
+        value = kind(text)
+        if not (value > 0 and value != float("inf")):  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="python -m dlext train", description=__doc__)
     p.add_argument("--model", default="lenet5", choices=MODELS)
     p.add_argument("--data", default="digits", choices=datasets.DATASETS)
     p.add_argument("--data-dir", default=None, help="folder with MNIST IDX or CIFAR-10 files")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=_positive(int), default=20)
+    p.add_argument("--batch-size", type=_positive(int), default=64)
+    p.add_argument("--lr", type=_positive(float), default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
@@ -164,6 +175,10 @@ def main(args: argparse.Namespace) -> int:
                           else "cpu" if args.device == "auto" else args.device)
     if args.amp == "fp16" and device.type != "cuda":
         raise SystemExit("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.data_dir is not None and args.data == "digits":
+        raise SystemExit("--data-dir is for --data mnist or cifar10; digits are bundled")
     train_ds, test_ds = datasets.load(args.data, args.data_dir)
     num_classes = int(train_ds.tensors[1].max()) + 1
     if args.model.startswith("resnet") and train_ds.tensors[0].shape[1] == 1:

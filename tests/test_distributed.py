@@ -298,6 +298,10 @@ def test_sync_function_errors(groups, device):
     rm = torch.zeros(3, device=device)
     with pytest.raises(RuntimeError, match="bias should contain 3 elements not 2"):
         sync_batch_norm(x, None, ones[:2], rm, ones, 0.1, 1e-5, group)
+    if not torch.distributed.is_initialized():  # None is the default group, when there is one
+        with pytest.raises(RuntimeError, match="process_group is None and no default process "
+                                               "group is initialised"):
+            sync_batch_norm(x, None, None, None, None, 0.1, 1e-5, None)
     assert torch.equal(rm, torch.zeros(3, device=device))  # nothing updated on an error
     with pytest.raises(TypeError, match="NoneType"):
         sync_batch_norm(x, None, None, rm, ones, None, 1e-5, group)

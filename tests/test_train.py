@@ -30,3 +30,12 @@ def test_train_rejects_what_it_cannot_do(tmp_path):
         main(["train", "--amp", "fp16", "--device", "cpu", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--data-dir"):
         main(["train", "--data", "mnist", "--out", str(tmp_path)])
+    for bad in (["--batch-size", "0"], ["--batch-size", "-5"], ["--epochs", "0"],
+                ["--lr", "nan"], ["--lr", "-0.1"]):
+        with pytest.raises(SystemExit):  # argparse: "must be a positive number"
+            main(["train", *bad, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="digits are bundled"):
+        main(["train", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            main(["train", "--device", "cuda", "--out", str(tmp_path)])
