@@ -56,14 +56,26 @@ def _open(path: str):
     raise FileNotFoundError(f"{path} (or {path}.gz) not found")
 
 
+def _read_exactly(f, n: int, path: str) -> bytes:
+    block = f.read(n)
+    if len(block) != n:
+        raise ValueError(f"{path}: truncated IDX header ({len(block)} of {n} bytes)")
+    return block
+
+
 def read_idx(path: str) -> np.ndarray:
     """An IDX file (the MNIST format): magic 0x0000 type ndim, big-endian sizes, then the data."""
     with _open(path) as f:
-        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {zero:#x} {dtype_code:#x})")
-        shape = struct.unpack(">" + "I" * ndim, f.read(4 * ndim))
-        data = np.frombuffer(f.read(), dtype=np.uint8)
+        try:
+            zero, dtype_code, ndim = struct.unpack(">HBB", _read_exactly(f, 4, path))
+            if zero != 0 or dtype_code != 0x08:
+                raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {zero:#x} "
+                                 f"{dtype_code:#x})")
+            shape = struct.unpack(">" + "I" * ndim, _read_exactly(f, 4 * ndim, path))
+            data = np.frombuffer(f.read(), dtype=np.uint8)
+        except (OSError, EOFError) as e:  # e.g. a corrupt or truncated .gz
+            raise ValueError(f"{path}: cannot read it as an IDX file "
+                             f"({e or type(e).__name__})") from e
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path}: expected {int(np.prod(shape))} bytes of data, got {data.size}")
     return data.reshape(shape)
@@ -73,7 +85,10 @@ def load_mnist(folder: str) -> tuple[TensorDataset, TensorDataset]:
     def part(prefix):
         x = torch.from_numpy(read_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte")).copy())
         y = torch.from_numpy(read_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte")).copy())
-        if x.shape[0] != y.shape[0]:
+        if x.dim() != 3 or x.shape[1:] != (28, 28) or y.dim() != 1:
+            raise ValueError(f"{folder}: expected {prefix} images of 28x28 and 1-D labels, got "
+                             f"image shape {tuple(x.shape)} and label shape {tuple(y.shape)}")
+        if x.shape[0] != y.shape[0] or x.shape[0] == 0:
             raise ValueError(f"{prefix}: {x.shape[0]} images but {y.shape[0]} labels")
         x = torch.nn.functional.pad(x.float().unsqueeze(1) / 255.0, (2, 2, 2, 2))  # 28 -> 32
         return x, y.long()
@@ -86,15 +101,26 @@ def load_mnist(folder: str) -> tuple[TensorDataset, TensorDataset]:
 
 def load_cifar10(folder: str) -> tuple[TensorDataset, TensorDataset]:
     def batch(name):
-        with open(os.path.join(folder, name), "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        x = torch.tensor(np.asarray(d[b"data"], dtype=np.uint8)).view(-1, 3, 32, 32).float() / 255.0
-        return x, torch.tensor(d[b"labels"], dtype=torch.int64)
+        path = os.path.join(folder, name)
+        try:  # (pickle runs code from the file: read only CIFAR-10 files you trust)
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            data = np.asarray(d[b"data"], dtype=np.uint8)
+            labels = torch.tensor(d[b"labels"], dtype=torch.int64)
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch (a pickled dict with b'data' "
+                             f"and b'labels'): {type(e).__name__}: {e}") from e
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.numel():
+            raise ValueError(f"{path}: expected rows of 3072 bytes, one per label, got data "
+                             f"{data.shape} and {labels.numel()} labels")
+        return torch.tensor(data).view(-1, 3, 32, 32).float() / 255.0, labels
 
     train = [batch(f"data_batch_{i}") for i in range(1, 6)
              if os.path.exists(os.path.join(folder, f"data_batch_{i}"))]
     if not train:
-        raise FileNotFoundError(f"no CIFAR-10 data_batch_* files in {folder}")
+        hint = (" (the batches are in its cifar-10-batches-py folder)"
+                if os.path.isdir(os.path.join(folder, "cifar-10-batches-py")) else "")
+        raise FileNotFoundError(f"no CIFAR-10 data_batch_* files in {folder}{hint}")
     xtr, ytr = torch.cat([b[0] for b in train]), torch.cat([b[1] for b in train])
     xte, yte = batch("test_batch")
     mean = xtr.mean(dim=(0, 2, 3), keepdim=True)

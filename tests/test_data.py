@@ -67,6 +67,28 @@ def test_mnist_rejects_a_bad_file(tmp_path):
         data.load("mnist", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="--data-dir"):
         data.load("mnist")
+    for name, payload in (("empty", b""), ("short", b"\x00\x00\x08\x03\x00\x00")):
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(ValueError, match=f"{name}: truncated IDX header"):
+            data.read_idx(str(tmp_path / name))
+    (tmp_path / "corrupt.gz").write_bytes(b"\x1f\x8b" + b"not gzip data")
+    with pytest.raises(ValueError, match="corrupt: cannot read it as an IDX file"):
+        data.read_idx(str(tmp_path / "corrupt"))
+
+
+def test_mnist_rejects_wrong_shapes(tmp_path):
+    """32x32 images, 2-D labels and swapped files are named and refused at load, not later."""
+    rng = np.random.default_rng(0)
+    for images, labels, words in (
+            (rng.integers(0, 256, (4, 32, 32)), rng.integers(0, 10, (4,)), "28x28"),
+            (rng.integers(0, 256, (4, 28, 28)), rng.integers(0, 10, (4, 2)), "1-D labels"),
+            (rng.integers(0, 10, (4,)), rng.integers(0, 256, (4, 28, 28)), "28x28"),
+            (rng.integers(0, 256, (0, 28, 28)), rng.integers(0, 10, (0,)), "0 images")):
+        for prefix in ("train", "t10k"):
+            write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", images)
+            write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", labels)
+        with pytest.raises(ValueError, match=words):
+            data.load("mnist", str(tmp_path))
 
 
 def test_cifar10_batches(tmp_path):
@@ -86,3 +108,24 @@ def test_cifar10_batches(tmp_path):
     got = test.tensors[0][0, 0]
     corr = torch.corrcoef(torch.stack([red.flatten(), got.flatten()]))[0, 1]
     assert corr > 0.9999
+
+
+def test_cifar10_rejects_bad_batches(tmp_path):
+    """Each bad batch is named with what was expected."""
+    good = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]}
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump(good, f)
+    for batch, words in (({"data": good[b"data"], "labels": [0, 1]}, "not a CIFAR-10 python batch"),
+                         ({b"data": np.zeros((2, 3000), np.uint8), b"labels": [0, 1]},
+                          "rows of 3072 bytes"),
+                         (None, "not a CIFAR-10 python batch")):
+        with open(tmp_path / "data_batch_1", "wb") as f:
+            if batch is None:
+                f.write(b"not a pickle")
+            else:
+                pickle.dump(batch, f)
+        with pytest.raises(ValueError, match=words):
+            data.load("cifar10", str(tmp_path))
+    (tmp_path / "parent" / "cifar-10-batches-py").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py folder"):
+        data.load("cifar10", str(tmp_path / "parent"))
