@@ -25,6 +25,7 @@ class MaxPool2d(torch.nn.MaxPool2d):
         return DF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                              ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
+
 def _fx_tracing() -> bool:
     """Whether torch.fx.symbolic_trace is running (inputs are proxies)."""
     trace = torch.fx._symbolic_trace
@@ -32,14 +33,31 @@ def _fx_tracing() -> bool:
     return fn is not None and fn()
 
 
-def _cumulative_factor(num_batches_tracked: torch.Tensor) -> float:
-    """1 / n for momentum=None. torch.fx runs a buffer's add_ once at trace time instead of
-    recording it, so a traced graph would keep one n forever: refused rather than wrong."""
-    if _fx_tracing():
-        raise RuntimeError("torch.fx cannot trace a dlext BatchNorm layer with momentum=None in "
-                           "training (its num_batches_tracked update is not traceable); use a "
-                           "float momentum, or torch.compile / torch.export")
-    return 1.0 / float(num_batches_tracked)
+def _batch_norm_step(self):
+    """The bookkeeping of torch's _BatchNorm.forward, shared by the BatchNorm layers and
+    SyncBatchNorm: counts the batch in num_batches_tracked (training with running statistics)
+    and returns (momentum, batch statistics?, running_mean, running_var to pass).
+
+    momentum=None is the cumulative average 1 / num_batches_tracked. torch.fx runs a buffer's
+    add_ once at trace time instead of recording it, so a traced graph would keep one n forever:
+    refused rather than wrong.
+    """
+    factor = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            if _fx_tracing():
+                raise RuntimeError("torch.fx cannot trace a dlext BatchNorm layer with "
+                                   "momentum=None in training (its num_batches_tracked update is "
+                                   "not traceable); use a float momentum, or torch.compile / "
+                                   "torch.export")
+            factor = 1.0 / float(self.num_batches_tracked)
+    # Batch statistics in training, and in evaluation when there are no running statistics.
+    batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    # The running statistics are passed only where they are used or updated.
+    track = not self.training or self.track_running_stats
+    return (factor, batch_stats, self.running_mean if track else None,
+            self.running_var if track else None)
 
 
 def _batch_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -47,28 +65,9 @@ def _batch_norm_forward(self, input: torch.Tensor) -> torch.Tensor:
     # torch.fx traces into dlext's modules (torch.nn's are leaves): no branch on a proxy's dim.
     if not _fx_tracing():
         self._check_input_dim(input)
-    # momentum=None: a cumulative moving average over num_batches_tracked.
-    if self.momentum is None:
-        exponential_average_factor = 0.0
-    else:
-        exponential_average_factor = self.momentum
-    if self.training and self.track_running_stats:
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                exponential_average_factor = _cumulative_factor(self.num_batches_tracked)
-            else:
-                exponential_average_factor = self.momentum
-    # Batch statistics in training, and in evaluation when there are no running statistics.
-    if self.training:
-        bn_training = True
-    else:
-        bn_training = (self.running_mean is None) and (self.running_var is None)
-    # The running statistics are passed only where they are used or updated.
-    track = not self.training or self.track_running_stats
-    return DF.batch_norm(input, self.running_mean if track else None,
-                         self.running_var if track else None, self.weight, self.bias,
-                         bn_training, exponential_average_factor, self.eps)
+    momentum, batch_stats, running_mean, running_var = _batch_norm_step(self)
+    return DF.batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats,
+                         momentum, self.eps)
 
 
 class BatchNorm1d(torch.nn.BatchNorm1d):
@@ -118,22 +117,8 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm):
         if not _fx_tracing():  # as in _batch_norm_forward
             self._check_input_dim(input)
             self._check_non_zero_input_channels(input)
-        if self.momentum is None:
-            exponential_average_factor = 0.0
-        else:
-            exponential_average_factor = self.momentum
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # a cumulative moving average
-                exponential_average_factor = _cumulative_factor(self.num_batches_tracked)
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)
-        # The running statistics are passed only where they are used or updated.
-        track = not self.training or self.track_running_stats
-        running_mean = self.running_mean if track else None
-        running_var = self.running_var if track else None
+        exponential_average_factor, bn_training, running_mean, running_var = \
+            _batch_norm_step(self)
         # Synchronise in training only, and only over a group of more than one process.
         process_group = None
         if (bn_training and self.training and torch.distributed.is_available()

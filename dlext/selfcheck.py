@@ -135,12 +135,9 @@ def run_check(check: Check, device: torch.device) -> dict:
 
 
 def run(device: str = "auto") -> int:
-    if device == "auto":
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available()
-                             and dlext.build_info()["with_cuda"] else [])
-    else:
-        devices = [device]
-    if "cuda" in devices and not (torch.cuda.is_available() and dlext.build_info()["with_cuda"]):
+    cuda_ok = torch.cuda.is_available() and dlext.build_info()["with_cuda"]
+    devices = (["cpu"] + (["cuda"] if cuda_ok else [])) if device == "auto" else [device]
+    if "cuda" in devices and not cuda_ok:
         print("gradcheck --device cuda: " + ("no CUDA device is available" if
               not torch.cuda.is_available() else "dlext was built without its CUDA kernels"),
               file=sys.stderr)
